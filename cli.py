@@ -1,0 +1,74 @@
+"""interp_heal command line: `python cli.py --help`.
+
+User errors (bad config, unknown model, missing data) print one line and exit 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from loguru import logger
+
+from interp_heal.config import Config, config_to_yaml, load_config
+from interp_heal.errors import InterpHealError
+from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Steer, heal, repeat: distil steering vectors into LoRA weights behind a KL barrier.",
+)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML preset (see configs/).")
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set heal.lam=0.5 (repeatable).")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for user errors."),
+) -> None:
+    """Global options; `--debug` is read by `main()` before dispatch."""
+
+
+def _resolve(config_path: Path | None, overrides: list[str] | None) -> Config:
+    return load_config(config_path, overrides or [])
+
+
+@app.command()
+def models(load: bool = typer.Option(False, "--load", help="Load each model once and time it.")) -> None:
+    """List the embedded models and whether they load (and how fast, with --load)."""
+    for name, embedded in EMBEDDED_MODELS.items():
+        typer.echo(f"{name:<14} {embedded.hf_id}  [{embedded_status(name)}]")
+        if load:
+            started = time.perf_counter()
+            _, _, info = load_model(name)
+            typer.echo(f"{'':<14} loaded in {time.perf_counter() - started:.2f}s: {info.as_dict()}")
+    typer.echo(f"{TINY_RANDOM:<14} random 4-layer llama with the SmolLM2 tokenizer, for tests  [built in memory]")
+
+
+@app.command("config")
+def show_config(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
+    """Print the resolved config (preset + overrides + defaults) as YAML."""
+    typer.echo(config_to_yaml(_resolve(config, overrides)), nl=False)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG" if debug else "INFO", format="{time:HH:mm:ss} | {level:<7} | {message}")
+    try:
+        app()
+    except InterpHealError as err:
+        if debug:
+            raise
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
