@@ -16,6 +16,7 @@ from loguru import logger
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import InterpHealError
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
+from interp_heal.steer_job import run_steer
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +56,23 @@ def models(load: bool = typer.Option(False, "--load", help="Load each model once
 def show_config(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """Print the resolved config (preset + overrides + defaults) as YAML."""
     typer.echo(config_to_yaml(_resolve(config, overrides)), nl=False)
+
+
+@app.command()
+def steer(
+    config: Path | None = ConfigOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    overrides: list[str] | None = SetOption,
+    n_samples: int = typer.Option(4, help="Task prompts for the greedy sample table."),
+) -> None:
+    """Extract the persona-pair steering vector and write greedy samples at each coefficient."""
+    resolved = _resolve(config, overrides)
+    result = run_steer(resolved, out, n_samples)
+    typer.echo(f"vector: {result.vector_path}  (layers {list(result.vector.layers)})")
+    typer.echo(f"samples: {result.samples_path}")
+    for record in result.samples:
+        first_line = " ".join(record.completion.split())[:100]
+        typer.echo(f"  coeff {record.coeff:>6g} | {record.prompt[:40]:<40} | {first_line}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import sys
 from typer.testing import CliRunner
 
 from cli import app
+from interp_heal.io import read_jsonl
 
 runner = CliRunner()
 
@@ -11,7 +12,7 @@ runner = CliRunner()
 def test_help_lists_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("models", "config"):
+    for command in ("models", "config", "steer"):
         assert command in result.output
 
 
@@ -38,3 +39,12 @@ def test_user_error_is_one_line_without_traceback():
         [sys.executable, "cli.py", "--debug", "config", "--set", "heal.agg=median"], capture_output=True, text=True
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_steer_command_writes_vector_and_samples(tmp_path):
+    result = runner.invoke(app, ["steer", "-c", "configs/smoke.yaml", "-o", str(tmp_path), "--n-samples", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("vector.safetensors", "vector.json", "samples.jsonl", "config.yaml"):
+        assert (tmp_path / name).is_file(), name
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert sorted({row["coeff"] for row in rows}) == [0.0, 4.0] and len(rows) == 4

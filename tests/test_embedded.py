@@ -20,3 +20,20 @@ def test_embedded_model_loads_from_cache_and_answers():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_love_vector_changes_greedy_generation(tmp_path):
+    from interp_heal.config import load_config
+    from interp_heal.steer_job import run_steer
+
+    config = load_config("configs/demo.yaml", ["steer.n_contexts=16", "generate.max_new_tokens=24"])
+    result = run_steer(config, tmp_path, n_samples=2)
+    assert result.vector.layers == (13, 14, 15, 16)
+    by_coeff = {}
+    for record in result.samples:
+        by_coeff.setdefault(record.coeff, []).append(record.completion)
+    assert set(by_coeff) == {0.0, 1.0, 2.0}
+    assert by_coeff[2.0] != by_coeff[0.0]
+    # Band layers carry a vector a fraction of the residual norm, not noise-sized and not dominant.
+    ratio = result.vector.layer_norms[13] / result.vector.resid_norms[13]
+    assert 0.01 < ratio < 1.0

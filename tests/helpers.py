@@ -1,0 +1,40 @@
+"""Reference implementations the library is checked against (plain PyTorch, no nnsight)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from interp_heal.models import decoder_layers
+
+
+@contextmanager
+def hook_steering(model: nn.Module, injection: dict[int, torch.Tensor], generated_only: bool = False) -> Iterator[None]:
+    """Add injection[l] to decoder block l's output with plain forward hooks.
+
+    generated_only: skip the prompt forward (sequence length > 1) and steer single-token decode steps.
+    """
+
+    def make_hook(delta: torch.Tensor):
+        def hook(_module, _inputs, output):
+            if generated_only and output.shape[1] > 1:
+                return output
+            return output + delta
+
+        return hook
+
+    layers = decoder_layers(model)
+    handles = [layers[layer].register_forward_hook(make_hook(delta)) for layer, delta in injection.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (what nnsight and HF generate use)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,33 @@
+from interp_heal.config import GenerateConfig
+from interp_heal.generate import generate_completions, split_completion, write_completions
+from interp_heal.io import read_jsonl
+from interp_heal.personas import task_prompts
+from tests.test_steer import _random_vector
+
+SAMPLING = GenerateConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, batch_size=2)
+
+
+def test_split_completion():
+    assert split_completion([5, 6, 2, 2], {2}) == ([5, 6, 2], "eos")
+    assert split_completion([5, 6, 7], {2}) == ([5, 6, 7], "length")
+
+
+def test_records_cover_every_prompt_and_coeff(tiny_model, tokenizer, tmp_path):
+    prompts = task_prompts(3)
+    records = generate_completions(tiny_model, tokenizer, prompts, _random_vector(), [0.0, 2.0], SAMPLING, seed=7)
+    assert [(r.coeff, r.prompt) for r in records] == [(c, p) for c in (0.0, 2.0) for p in prompts]
+    for record in records:
+        assert 1 <= len(record.token_ids) <= 6 and record.finish_reason in {"eos", "length"}
+        assert record.completion == tokenizer.decode(record.token_ids, skip_special_tokens=True)
+    write_completions(tmp_path / "c.jsonl", records)
+    assert [row["completion"] for row in read_jsonl(tmp_path / "c.jsonl")] == [r.completion for r in records]
+
+
+def test_sampling_is_seeded(tiny_model, tokenizer):
+    prompts = task_prompts(4)
+    vector = _random_vector()
+    first = generate_completions(tiny_model, tokenizer, prompts, vector, [1.0], SAMPLING, seed=11)
+    again = generate_completions(tiny_model, tokenizer, prompts, vector, [1.0], SAMPLING, seed=11)
+    other = generate_completions(tiny_model, tokenizer, prompts, vector, [1.0], SAMPLING, seed=12)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert [r.token_ids for r in first] != [r.token_ids for r in other]
