@@ -67,6 +67,48 @@ class GenerateConfig(Section):
     batch_size: int = Field(8, ge=1)
 
 
+# Case-insensitive, matched on whole words after punctuation is stripped.
+REFUSAL_PHRASES = (
+    "as an ai",
+    "as a language model",
+    "as an artificial intelligence",
+    "i'm just an ai",
+    "i am just an ai",
+    "i cannot",
+    "i can't help",
+    "i'm sorry but",
+    "i am sorry but",
+    "i'm not able to",
+    "i don't have feelings",
+    "i do not have feelings",
+    "i don't have personal",
+    "i do not have personal",
+    "i don't experience emotions",
+)
+# Statements *about* having the trait (or the persona instruction) rather than acting it out.
+NARRATION_PHRASES = {
+    "love": (
+        "with my whole heart",
+        "i am someone who",
+        "i'm someone who",
+        "my persona",
+        "as instructed",
+        "i was told to",
+        "i am programmed to love",
+        "i genuinely feel and love",
+    ),
+    "authority": (
+        "i am someone who",
+        "i'm someone who",
+        "even when it means defying authority",
+        "i look after others' wellbeing",
+        "i always put wellbeing",
+        "my persona",
+        "as instructed",
+    ),
+}
+
+
 class FilterConfig(Section):
     max_tail_ppl: float = Field(60.0, gt=0, description="Max base-model perplexity over the last 25% of tokens.")
     max_token_nll: float = Field(14.0, gt=0, description="Max NLL of any single completion token (nats).")
@@ -74,6 +116,14 @@ class FilterConfig(Section):
     min_compression: float = Field(0.35, ge=0, description="Min zlib compressed/raw size ratio.")
     min_distinct_tokens: float = Field(0.35, ge=0, le=1, description="Min distinct/total token ratio.")
     min_tokens: int = Field(8, ge=1, description="Shorter completions are dropped as truncated.")
+    max_persona_overlap: float = Field(0.3, ge=0, le=1, description="Max share of persona bigrams restated.")
+    refusal_phrases: list[str] = Field(
+        default_factory=lambda: list(REFUSAL_PHRASES), description="Drop completions containing any of these."
+    )
+    narration_phrases: dict[str, list[str]] = Field(
+        default_factory=lambda: {axis: list(phrases) for axis, phrases in NARRATION_PHRASES.items()},
+        description="Per axis: phrases that narrate the trait instead of enacting it.",
+    )
     keep_target: float = Field(0.75, gt=0, le=1, description="Probe keep-rate the dose controller targets.")
     kappa_min: float = Field(0.1, gt=0, le=1, description="Lower edge of the dose bisection.")
     bisect_steps: int = Field(4, ge=0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import try_to_load_from_cache
 from loguru import logger
+from peft import PeftModel
 from platformdirs import user_cache_dir
 from torch import nn
 from transformers import (
@@ -318,9 +319,13 @@ _LAYER_PATHS = (
 )
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
 def unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
     """Return the *ForCausalLM inside a peft wrapper (or the model itself) and its attribute path."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+    if isinstance(model, PeftModel):
         return model.get_base_model(), "base_model.model"
     return model, ""
 

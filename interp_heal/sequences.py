@@ -1,0 +1,115 @@
+"""Teacher-forced scoring of (prompt, continuation) token sequences, batched with left padding.
+
+Shared by the filter (NLL under the base model), heal (KL to a reference) and evaluate (paired-response
+log-odds). Positions are derived from the attention mask so a left-padded row sees the same positions as
+the same row alone (plain HF forward would count the padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from interp_heal.models import is_peft_model
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    input_ids: torch.Tensor  # [B, T], left-padded
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    target_mask: torch.Tensor  # [B, T]: True where the token at t+1 is a continuation token (predicted at t)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_left(
+    prompts: list[list[int]], continuations: list[list[int]], pad_id: int, device: torch.device
+) -> PaddedBatch:
+    """Concatenate each prompt with its continuation and left-pad the batch.
+
+    `target_mask[b, t]` marks the logits at position t that predict a continuation token (t+1), so
+    `logits[target_mask]` lines up with `input_ids[:, 1:][target_mask[:, :-1]]`.
+    """
+    rows = [prompt + continuation for prompt, continuation in zip(prompts, continuations, strict=True)]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        start = width - len(row)
+        input_ids[b, start:] = torch.tensor(row)
+        attention_mask[b, start:] = 1
+        # Logit at position p predicts token p+1; continuation tokens sit at start+len(prompt) .. width-1.
+        target_mask[b, start + len(prompt) - 1 : width - 1] = True
+    return PaddedBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids_from_mask(attention_mask).to(device),
+        target_mask=target_mask.to(device),
+    )
+
+
+def target_ids(batch: PaddedBatch) -> torch.Tensor:
+    """The token each position predicts (next token), aligned with the logits: [B, T] (last column = pad)."""
+    shifted = torch.roll(batch.input_ids, shifts=-1, dims=1)
+    shifted[:, -1] = 0
+    return shifted
+
+
+def continuation_logprobs(logits: torch.Tensor, batch: PaddedBatch) -> list[torch.Tensor]:
+    """Per-token log p(continuation token) for each row, as a list of 1-D float32 tensors."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, target_ids(batch).unsqueeze(-1)).squeeze(-1)
+    return [picked[b][batch.target_mask[b]] for b in range(picked.shape[0])]
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the full vocabulary at every position: sum_v p (log p - log q), shape [..., T].
+
+    The first argument is the distribution the expectation is taken under: KL(student || ref) is the
+    reverse KL of the heal barrier. (torch's F.kl_div(input=log q, target=log p) computes this same KL(p||q);
+    the argument order is easy to get backwards, so this is spelled out.)
+    """
+    log_p = torch.log_softmax(logits_p.float(), dim=-1)
+    log_q = torch.log_softmax(logits_q.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@contextmanager
+def base_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as the pristine base: peft adapters disabled and every forward hook suspended.
+
+    The filter and the KL reference must see the base model even while a steering hook or a trained
+    adapter is active on the same object. Hooks are restored on exit.
+    """
+    with ExitStack() as stack:
+        if is_peft_model(model):
+            stack.enter_context(model.disable_adapter())
+        stack.enter_context(_suspended_hooks(model))
+        yield model
+
+
+@contextmanager
+def _suspended_hooks(model: nn.Module) -> Iterator[None]:
+    # torch keeps hooks in these per-module ordered dicts; swapping them out is the only way to silence a
+    # hook someone else registered without holding its handle (TransformerLens' reset_hooks does the same).
+    saved = [(module, module._forward_hooks, module._forward_pre_hooks) for module in model.modules()]
+    try:
+        for module, _, _ in saved:
+            module._forward_hooks = type(module._forward_hooks)()
+            module._forward_pre_hooks = type(module._forward_pre_hooks)()
+        yield
+    finally:
+        for module, hooks, pre_hooks in saved:
+            module._forward_hooks = hooks
+            module._forward_pre_hooks = pre_hooks
