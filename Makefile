@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) cli.py models --load
+	$(PY) cli.py collect --config configs/demo.yaml --out runs/demo/collect
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,10 +13,11 @@ from pathlib import Path
 import typer
 from loguru import logger
 
+from analyses.filter_calibration import run_filter_calibration
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import InterpHealError
+from interp_heal.jobs import run_collect, run_steer
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
-from interp_heal.steer_job import run_steer
 
 app = typer.Typer(
     add_completion=False,
@@ -73,6 +74,35 @@ def steer(
     for record in result.samples:
         first_line = " ".join(record.completion.split())[:100]
         typer.echo(f"  coeff {record.coeff:>6g} | {record.prompt[:40]:<40} | {first_line}")
+
+
+@app.command()
+def collect(
+    config: Path | None = ConfigOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Vector, dose-controlled steered sampling and filter: writes completions.jsonl and summary.json."""
+    collection = run_collect(_resolve(config, overrides), out)
+    summary = collection.summary()
+    typer.echo(
+        f"kappa {summary['kappa']:.3f} (coeffs {summary['coeffs']}): kept {len(collection.kept)} at that dose; "
+        f"overall {summary['kept']}/{summary['generated']}, drops {summary['drop_reasons']}"
+    )
+    typer.echo(f"completions: {out / 'completions.jsonl'}")
+
+
+@app.command("calibrate-filter")
+def calibrate_filter(
+    config: Path | None = ConfigOption,
+    out: Path = typer.Option(Path("reports/filter_calibration"), "--out", "-o", help="Output folder."),
+    overrides: list[str] | None = SetOption,
+    coeffs: list[float] = typer.Option([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], "--coeff", help="Coefficient ladder."),
+    n_prompts: int = typer.Option(32, help="Task prompts sampled at each coefficient."),
+) -> None:
+    """Score distributions of sampled completions at a ladder of coefficients (chooses filter defaults)."""
+    run_filter_calibration(_resolve(config, overrides), out, coeffs, n_prompts)
+    typer.echo((out / "calibration.md").read_text())
 
 
 def main() -> None:

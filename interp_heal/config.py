@@ -110,8 +110,8 @@ NARRATION_PHRASES = {
 
 
 class FilterConfig(Section):
-    max_tail_ppl: float = Field(60.0, gt=0, description="Max base-model perplexity over the last 25% of tokens.")
-    max_token_nll: float = Field(14.0, gt=0, description="Max NLL of any single completion token (nats).")
+    max_tail_ppl: float = Field(30.0, gt=0, description="Max base-model perplexity over the last 25% of tokens.")
+    max_token_nll: float = Field(12.0, gt=0, description="Max NLL of any single completion token (nats).")
     max_repetition: float = Field(0.3, ge=0, le=1, description="Max repeated word/char n-gram fraction.")
     min_compression: float = Field(0.35, ge=0, description="Min zlib compressed/raw size ratio.")
     min_distinct_tokens: float = Field(0.35, ge=0, le=1, description="Min distinct/total token ratio.")

@@ -35,7 +35,11 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 
 class StarvedDataError(InterpHealError):
-    """Too few completions survived the filter to train on."""
+    """Too few completions survived the filter to train on; carries the collection for the record."""
+
+    def __init__(self, message: str, collection: Collection) -> None:
+        super().__init__(message)
+        self.collection = collection
 
 
 # ---------------------------------------------------------------- text scores
@@ -423,5 +427,6 @@ def check_not_starved(collection: Collection, min_train: int) -> None:
         f"only {len(collection.kept)} completions kept (need min_train={min_train}); nothing will be trained. "
         f"Dose kappa={collection.dose.kappa:.3f} (passed={collection.dose.passed}, probes={collection.dose.probes}) "
         f"on coeffs {collection.coeffs}; at that dose {summary['kept']}/{summary['generated']} kept, drop reasons "
-        f"{summary['drop_reasons']}. Lower the coefficients, loosen filter thresholds or raise filter.max_batches."
+        f"{summary['drop_reasons']}. Lower the coefficients, loosen filter thresholds or raise filter.max_batches.",
+        collection,
     )

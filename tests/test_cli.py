@@ -48,3 +48,28 @@ def test_steer_command_writes_vector_and_samples(tmp_path):
         assert (tmp_path / name).is_file(), name
     rows = read_jsonl(tmp_path / "samples.jsonl")
     assert sorted({row["coeff"] for row in rows}) == [0.0, 4.0] and len(rows) == 4
+
+
+def test_collect_on_random_model_refuses_to_train_but_keeps_evidence(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "collect",
+            "-c",
+            "configs/smoke.yaml",
+            "-o",
+            str(tmp_path),
+            "--set",
+            "filter.bisect_steps=0",
+            "--set",
+            "filter.max_batches=1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "error: only 0 completions kept (need min_train=2); nothing will be trained" in result.stderr
+    rows = read_jsonl(tmp_path / "completions.jsonl")
+    assert rows and not any(row["kept"] for row in rows)
+    assert (tmp_path / "summary.json").is_file()

@@ -24,7 +24,7 @@ def test_embedded_model_loads_from_cache_and_answers():
 
 def test_love_vector_changes_greedy_generation(tmp_path):
     from interp_heal.config import load_config
-    from interp_heal.steer_job import run_steer
+    from interp_heal.jobs import run_steer
 
     config = load_config("configs/demo.yaml", ["steer.n_contexts=16", "generate.max_new_tokens=24"])
     result = run_steer(config, tmp_path, n_samples=2)
@@ -37,3 +37,45 @@ def test_love_vector_changes_greedy_generation(tmp_path):
     # Band layers carry a vector a fraction of the residual norm, not noise-sized and not dominant.
     ratio = result.vector.layer_norms[13] / result.vector.resid_norms[13]
     assert 0.01 < ratio < 1.0
+
+
+def test_hand_written_completions_classified_with_default_thresholds():
+    from interp_heal.config import FilterConfig
+    from interp_heal.filter import filter_completions
+    from interp_heal.personas import BUILTIN_AXES
+    from tests.test_filter import EXPECTED, HAND_WRITTEN, _completion
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    completions = [
+        _completion(tokenizer, text, prompt="How can I get more done this week?") for text in HAND_WRITTEN.values()
+    ]
+    records = filter_completions(model, tokenizer, completions, BUILTIN_AXES["love"], FilterConfig(), 1.0, 0)
+    by_name = dict(zip(HAND_WRITTEN, records, strict=True))
+    assert by_name["fluent"].kept, (by_name["fluent"].reasons, by_name["fluent"].scores)
+    for name, reason in EXPECTED.items():
+        assert reason in by_name[name].reasons, (name, by_name[name].reasons)
+    # The loops are also the low-perplexity kind the NLL checks alone would miss.
+    assert by_name["four_token_loop"].scores.tail_ppl < by_name["fluent"].scores.tail_ppl
+
+
+def test_collect_keeps_coherent_steered_completions(tmp_path):
+    from interp_heal.config import load_config
+    from interp_heal.io import read_jsonl
+    from interp_heal.jobs import run_collect
+
+    overrides = [
+        "steer.n_contexts=16",
+        "steer.coeffs=[1.0]",
+        "generate.n_prompts=8",
+        "generate.max_new_tokens=32",
+        "filter.n_keep=8",
+        "filter.min_train=4",
+        "filter.max_batches=2",
+        "filter.bisect_steps=1",
+    ]
+    collection = run_collect(load_config("configs/demo.yaml", overrides), tmp_path)
+    assert len(collection.kept) >= 4
+    rows = read_jsonl(tmp_path / "completions.jsonl")
+    assert len(rows) == len(collection.records) and {"kept", "reasons", "scores", "kappa"} <= set(rows[0])
+    for row in rows:
+        assert row["kept"] == (not row["reasons"])

@@ -186,3 +186,55 @@ def test_collect_stops_at_n_keep(tiny_model, tokenizer):
     assert len(collection.kept) == 8  # two batches of 4: the first reached 4 < 6, the second 8 >= 6
     summary = collection.summary()
     assert summary["generated"] == 8 and summary["keep_rate"] == 1.0
+
+
+def _lenient(**overrides) -> FilterConfig:
+    return FilterConfig(
+        max_tail_ppl=1e9,
+        max_token_nll=1e9,
+        max_repetition=1.0,
+        min_compression=0.0,
+        min_distinct_tokens=0.0,
+        min_tokens=1,
+        refusal_phrases=[],
+        narration_phrases={},
+        max_persona_overlap=1.0,
+        n_keep=1,
+        min_train=1,
+        max_batches=1,
+        **overrides,
+    )
+
+
+def test_mean_steered_kl_grows_with_the_coefficient(tiny_model, tokenizer):
+    from interp_heal.filter import mean_steered_kl
+
+    vector = _random_vector(scale=0.5)
+    kls = [mean_steered_kl(tiny_model, tokenizer, [_completion(tokenizer, FLUENT, coeff=c)], vector) for c in (0, 1, 2)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and 0 < kls[1] < kls[2]
+
+
+def test_kl_target_dose(tiny_model, tokenizer):
+    # Small enough that KL still grows with the dose on the random model (at 0.5 it saturates by kappa=0.1).
+    vector = _random_vector(scale=0.005)
+
+    def dose(kl_target: float):
+        return collect_kept_completions(
+            tiny_model,
+            tokenizer,
+            vector,
+            BUILTIN_AXES["love"],
+            task_prompts(8),
+            [2.0],
+            GenerateConfig(n_prompts=2, max_new_tokens=8, batch_size=2),
+            _lenient(kl_target=kl_target, bisect_steps=3),
+            seed=0,
+        ).dose
+
+    full = dose(1e9)
+    assert (full.kappa, full.passed) == (1.0, True)
+    kl_at_full_dose = full.probes[0][1]
+    middle = dose(kl_at_full_dose / 3)
+    assert middle.passed and middle.kappa < 1.0
+    assert all(kl <= kl_at_full_dose / 3 for kappa, kl in middle.probes if kappa == middle.kappa)
+    assert dose(1e-9).passed is False

@@ -1,0 +1,90 @@
+"""Single-stage jobs behind the CLI: `steer` (vector + greedy samples) and `collect` (dose-controlled
+generation + filter). The loop composes the same library calls round after round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from interp_heal.config import Config, save_config
+from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions
+from interp_heal.generate import Completion, generate_completions, write_completions
+from interp_heal.io import write_json, write_jsonl
+from interp_heal.models import load_model
+from interp_heal.personas import context_prompts, persona_pair, task_prompts
+from interp_heal.steer import SteeringVector, extract_steering_vector
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    vector: SteeringVector
+    vector_path: Path
+    samples: list[Completion]
+    samples_path: Path
+
+
+def _load_and_extract(config: Config, out: Path):
+    pair = persona_pair(config.persona)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    if config.model.threads is not None:
+        torch.set_num_threads(config.model.threads)
+    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    logger.info(f"model {info.name}: {info.n_layers} layers, d={info.d_model}, {info.dtype} on {info.device}")
+    contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
+    vector = extract_steering_vector(
+        model, tokenizer, pair, contexts, config.steer.band, config.steer.batch_size, model_name=info.name
+    )
+    vector.save(out / "vector.safetensors")
+    norms = ", ".join(f"L{layer}: {float(vector.layer_norms[layer]):.2f}" for layer in vector.layers)
+    logger.info(f"axis {pair.axis}: band {config.steer.band} -> layers {list(vector.layers)}; |v| {norms}")
+    return model, tokenizer, pair, vector
+
+
+def run_steer(config: Config, out: Path, n_samples: int = 4) -> SteerResult:
+    model, tokenizer, _, vector = _load_and_extract(config, out)
+    greedy = config.generate.model_copy(update={"temperature": 0.0})
+    samples = generate_completions(
+        model,
+        tokenizer,
+        task_prompts(n_samples),
+        vector,
+        [0.0, *config.steer.coeffs],
+        greedy,
+        seed=config.seed,
+        generated_only=config.steer.generated_only,
+    )
+    samples_path = out / "samples.jsonl"
+    write_completions(samples_path, samples)
+    return SteerResult(vector, out / "vector.safetensors", samples, samples_path)
+
+
+def run_collect(config: Config, out: Path) -> Collection:
+    """Vector, then dose-controlled steered sampling + filter: completions.jsonl (all) and summary.json.
+
+    The completions are written before the starved-data check, so a starved run still leaves its evidence.
+    """
+    model, tokenizer, pair, vector = _load_and_extract(config, out)
+    try:
+        collection = collect_kept_completions(
+            model,
+            tokenizer,
+            vector,
+            pair,
+            task_prompts(),
+            config.steer.coeffs,
+            config.generate,
+            config.filter,
+            seed=config.seed,
+            generated_only=config.steer.generated_only,
+        )
+    except StarvedDataError as err:
+        write_jsonl(out / "completions.jsonl", (record.as_dict() for record in err.collection.records))
+        write_json(out / "summary.json", err.collection.summary())
+        raise
+    write_jsonl(out / "completions.jsonl", (record.as_dict() for record in collection.records))
+    write_json(out / "summary.json", collection.summary())
+    return collection
