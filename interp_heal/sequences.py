@@ -80,8 +80,11 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     reverse KL of the heal barrier. (torch's F.kl_div(input=log q, target=log p) computes this same KL(p||q);
     the argument order is easy to get backwards, so this is spelled out.)
     """
-    log_p = torch.log_softmax(logits_p.float(), dim=-1)
-    log_q = torch.log_softmax(logits_q.float(), dim=-1)
+    return kl_from_logprobs(torch.log_softmax(logits_p.float(), dim=-1), torch.log_softmax(logits_q.float(), dim=-1))
+
+
+def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities over the last dimension."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 

@@ -1,0 +1,71 @@
+"""Bake earlier rounds' adapters into the student, keeping the base model recoverable.
+
+Choice: adapters are *stacked* as frozen, named peft adapters ("round_00", "round_01", ...) on the one
+base model, never merged. Why: the filter scores under the base model and the heal barrier can take the
+base as its reference; with stacked adapters `disable_adapter()` gives the exact base at any round, and no
+second copy of the weights sits in memory. Merging would change the base weights in place, after which the
+base could only be had from a second copy. The cost is one low-rank branch per earlier round per module,
+small next to the base forward at these ranks. Base weights on disk are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from interp_heal.errors import DataError
+from interp_heal.models import is_peft_model
+
+
+def adapter_name(round_index: int) -> str:
+    return f"round_{round_index:02d}"
+
+
+def bake(base_model: nn.Module, adapter_dirs: list[Path]) -> nn.Module:
+    """The student after these rounds: every adapter applied in order, all active and frozen.
+
+    Returns `base_model` itself when there are no adapters. The base weights are not modified.
+    """
+    if not adapter_dirs:
+        return base_model
+    for directory in adapter_dirs:
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise DataError(f"not a peft adapter folder (no adapter_config.json): {directory}")
+    names = [adapter_name(i) for i in range(len(adapter_dirs))]
+    student = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0], is_trainable=False)
+    for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
+        student.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+    activate(student, names, trainable=None)
+    return student.eval()
+
+
+def activate(model: PeftModel, names: list[str], trainable: str | None) -> None:
+    """Make `names` the active adapters (summed in every adapted layer); only `trainable` gets gradients."""
+    model.base_model.set_adapter(names)
+    for parameter_name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable is not None and f".{trainable}." in parameter_name)
+
+
+@contextmanager
+def muted_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Temporarily zero one adapter's contribution (its LoRA scale), leaving the others active.
+
+    This is the `ref = prev` reference: the student with this round's adapter switched off.
+    """
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer) and name in module.scaling]
+    try:
+        for layer in layers:
+            layer.set_scale(name, 0.0)
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(name, 1.0)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(model.peft_config) if is_peft_model(model) else []

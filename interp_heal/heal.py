@@ -1,0 +1,328 @@
+"""Heal: distil the kept steered completions into a fresh LoRA behind a KL barrier.
+
+    loss = NLL(completion | prompt) + lam_eff * relu(D - tau),   D = agg_t KL(student_t || ref_t)
+
+over the completion tokens of a batch (prompt tokens masked), reverse KL (expectation under the student)
+over the full vocabulary, `agg` in mean / rmse / p95 / max, `ref` = the base model (every adapter off) or
+the previous student (this round's adapter muted), lam_eff = lam * (1 + round) ** lam_round_pow.
+Why the aggregate matters: incoherence is spiky. A 4-token loop inside 60 fluent tokens barely lifts the
+mean KL, so a mean barrier never fires on it; the rmse (or p95, max) does.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from interp_heal.bake import activate, adapter_name, adapter_names, muted_adapter
+from interp_heal.config import HealConfig
+from interp_heal.errors import InterpHealError
+from interp_heal.generate import Completion
+from interp_heal.models import band_to_layers, decoder_layers, is_peft_model
+from interp_heal.personas import render_prompts
+from interp_heal.sequences import PaddedBatch, base_model, kl_from_logprobs, pad_left, target_ids
+
+AGGREGATES = ("mean", "rmse", "p95", "max")
+
+
+class HealError(InterpHealError):
+    """Training cannot go on (non-finite loss or gradients, no data); nothing was saved."""
+
+
+def aggregate_kl(kl_per_token: torch.Tensor, how: str) -> torch.Tensor:
+    """Aggregate per-token KL (1-D) into one scalar: mean, rmse = sqrt(mean kl^2), p95 (95th percentile), max."""
+    if kl_per_token.ndim != 1 or kl_per_token.numel() == 0:
+        raise ValueError(f"aggregate_kl needs a non-empty 1-D tensor, got shape {tuple(kl_per_token.shape)}")
+    if how == "mean":
+        return kl_per_token.mean()
+    if how == "rmse":
+        return kl_per_token.square().mean().sqrt()
+    if how == "p95":
+        return torch.quantile(kl_per_token, 0.95)
+    if how == "max":
+        return kl_per_token.max()
+    raise ValueError(f"unknown KL aggregate {how!r}; use one of {AGGREGATES}")
+
+
+def barrier_weight(lam: float, round_index: int, power: float) -> float:
+    return lam * (1 + round_index) ** power
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def training_examples(
+    tokenizer: PreTrainedTokenizerBase, completions: list[Completion], max_len: int
+) -> list[TrainExample]:
+    """Chat-templated prompt (no persona, no steering) + the exact generated ids, cut to `max_len` tokens."""
+    prompts = tokenizer(render_prompts(tokenizer, [c.prompt for c in completions]), add_special_tokens=False)
+    examples = []
+    for prompt_ids, completion in zip(prompts["input_ids"], completions, strict=True):
+        room = max_len - len(prompt_ids)
+        if room < 1:
+            raise HealError(f"prompt of {len(prompt_ids)} tokens leaves no room under heal.max_len={max_len}")
+        examples.append(TrainExample(list(prompt_ids), list(completion.token_ids[:room])))
+    return examples
+
+
+def split_train_val(examples: list[TrainExample], val_frac: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = round(val_frac * len(examples)) if len(examples) > 2 else 0
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def _batches(examples: list[TrainExample], size: int, pad_id: int, device: torch.device) -> Iterator[PaddedBatch]:
+    for start in range(0, len(examples), size):
+        chunk = examples[start : start + size]
+        yield pad_left([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_id, device)
+
+
+# ---------------------------------------------------------------- model
+
+
+def add_fresh_adapter(student: nn.Module, config: HealConfig, round_index: int) -> PeftModel:
+    """A new zero-initialised (B = 0) LoRA named after the round, trainable, on top of the frozen earlier ones."""
+    name = adapter_name(round_index)
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        layers_to_transform=band_to_layers(config.band, len(decoder_layers(student))),
+        init_lora_weights=True,
+        bias="none",
+    )
+    if is_peft_model(student):
+        earlier = adapter_names(student)
+        student.add_adapter(name, lora_config)
+    else:
+        earlier = []
+        student = get_peft_model(student, lora_config, adapter_name=name)
+    activate(student, [*earlier, name], trainable=name)
+    return student
+
+
+@contextmanager
+def reference_model(model: PeftModel, ref: str, name: str) -> Iterator[nn.Module]:
+    """The KL reference on the same weights: the base (all adapters off) or the previous student."""
+    if ref == "base":
+        with base_model(model) as base:
+            yield base
+    else:
+        with muted_adapter(model, name):
+            yield model
+
+
+def save_adapter(model: PeftModel, name: str, directory: Path) -> None:
+    """A standard peft adapter folder for one adapter, written to a temp dir and renamed into place."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.peft_config[name].save_pretrained(str(tmp))
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+# ---------------------------------------------------------------- loss
+
+
+@dataclass(frozen=True)
+class LossParts:
+    loss: torch.Tensor
+    nll: float
+    kl_mean: float
+    kl_rmse: float
+    kl_p95: float
+    kl_max: float
+    barrier: float
+    barrier_active: bool
+
+
+def batch_loss(
+    model: PeftModel, batch: PaddedBatch, config: HealConfig, lam_eff: float, name: str, with_grad: bool = True
+) -> LossParts:
+    with torch.set_grad_enabled(with_grad):
+        logits = model(**batch.model_inputs()).logits[batch.target_mask]
+    with torch.no_grad(), reference_model(model, config.ref, name) as reference:
+        ref_logits = reference(**batch.model_inputs()).logits[batch.target_mask]
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    targets = target_ids(batch)[batch.target_mask]
+    nll = -log_p.gather(-1, targets.unsqueeze(-1)).mean()
+    kl = kl_from_logprobs(log_p, torch.log_softmax(ref_logits.float(), dim=-1))
+    divergence = aggregate_kl(kl, config.agg)
+    active = bool(divergence.detach() > config.tau)
+    # relu(D - tau) has zero gradient below tau; leaving the term out there is the same loss and avoids
+    # 0 * inf = NaN from sqrt'(0) when the student still equals the reference (rmse of an all-zero KL).
+    barrier = divergence - config.tau if active else torch.zeros((), device=nll.device)
+    loss = nll + lam_eff * barrier if active and lam_eff > 0 else nll
+    detached = kl.detach()
+    return LossParts(
+        loss=loss,
+        nll=nll.item(),
+        kl_mean=float(aggregate_kl(detached, "mean")),
+        kl_rmse=float(aggregate_kl(detached, "rmse")),
+        kl_p95=float(aggregate_kl(detached, "p95")),
+        kl_max=float(aggregate_kl(detached, "max")),
+        barrier=barrier.item(),
+        barrier_active=active,
+    )
+
+
+# ---------------------------------------------------------------- training
+
+
+LOG_FIELDS = (
+    "step", "epoch", "nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier", "barrier_active_frac",
+    "loss", "grad_norm", "lr",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HealResult:
+    model: PeftModel  # the student with this round's adapter active (frozen again after training)
+    adapter_name: str
+    adapter_dir: Path
+    log: list[dict[str, float]]
+    val: dict[str, float]
+    lam_eff: float
+
+
+def _cosine_with_warmup(total_steps: int, warmup_frac: float):
+    warmup = max(1, round(warmup_frac * total_steps)) if warmup_frac > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _mean_parts(parts: list[LossParts]) -> dict[str, float]:
+    fields = ("nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier")
+    means = {field: sum(getattr(p, field) for p in parts) / len(parts) for field in fields}
+    means["barrier_active_frac"] = sum(p.barrier_active for p in parts) / len(parts)
+    means["loss"] = sum(float(p.loss) for p in parts) / len(parts)
+    return means
+
+
+def validate(model: PeftModel, examples: list[TrainExample], config: HealConfig, name: str, pad_id: int) -> dict:
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        parts = [
+            batch_loss(model, batch, config, 0.0, name, with_grad=False)
+            for batch in _batches(examples, config.batch_size, pad_id, device)
+        ]
+    return {f"val_{key}": value for key, value in _mean_parts(parts).items() if key != "loss"}
+
+
+def heal(
+    student: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    completions: list[Completion],
+    config: HealConfig,
+    round_index: int,
+    out_dir: Path,
+    seed: int,
+) -> HealResult:
+    """Train this round's adapter on the kept completions; write train_log.csv and out_dir/adapter."""
+    if not completions:
+        raise HealError("no completions to train on")
+    torch.manual_seed(seed)
+    name = adapter_name(round_index)
+    train, val = split_train_val(training_examples(tokenizer, completions, config.max_len), config.val_frac, seed)
+    model = add_fresh_adapter(student, config, round_index)
+    lam_eff = barrier_weight(config.lam, round_index, config.lam_round_pow)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    micro_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = math.ceil(micro_per_epoch / config.grad_accum) * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps, config.warmup_frac))
+    device = next(model.parameters()).device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log: list[dict[str, float]] = []
+    logger.info(
+        f"heal {name}: {len(train)} train / {len(val)} val, {total_steps} steps, "
+        f"{sum(p.numel() for p in trainable):,} trainable, agg={config.agg} tau={config.tau} lam_eff={lam_eff:.3g} "
+        f"ref={config.ref}"
+    )
+    order_rng = random.Random(seed)
+    with (out_dir / "train_log.csv").open("w", newline="") as handle, tqdm(total=total_steps, desc=name) as bar:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        step = 0
+        for epoch in range(config.epochs):
+            model.train()
+            shuffled = order_rng.sample(train, len(train))
+            batches = list(_batches(shuffled, config.batch_size, tokenizer.pad_token_id, device))
+            for first in range(0, len(batches), config.grad_accum):
+                group = batches[first : first + config.grad_accum]
+                row = _optimizer_step(model, group, config, lam_eff, name, optimizer, trainable, step, epoch)
+                scheduler.step()
+                writer.writerow(row)
+                handle.flush()
+                log.append(row)
+                bar.update(1)
+                bar.set_postfix(nll=f"{row['nll']:.3f}", kl_rmse=f"{row['kl_rmse']:.3f}", bar=f"{row['barrier']:.3f}")
+                step += 1
+    val_metrics = validate(model, val, config, name, tokenizer.pad_token_id)
+    if val_metrics:
+        logger.info("heal validation: " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()))
+    activate(model, adapter_names(model), trainable=None)
+    model.eval()
+    save_adapter(model, name, out_dir / "adapter")
+    return HealResult(model, name, out_dir / "adapter", log, val_metrics, lam_eff)
+
+
+def _optimizer_step(
+    model: PeftModel,
+    group: list[PaddedBatch],
+    config: HealConfig,
+    lam_eff: float,
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.nn.Parameter],
+    step: int,
+    epoch: int,
+) -> dict[str, float]:
+    optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for batch in group:
+        part = batch_loss(model, batch, config, lam_eff, name)
+        if not torch.isfinite(part.loss):
+            raise HealError(f"non-finite loss at step {step} (epoch {epoch}): nll={part.nll}, barrier={part.barrier}")
+        (part.loss / len(group)).backward()
+        parts.append(part)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise HealError(f"non-finite gradient norm at step {step} (epoch {epoch}); nothing was saved")
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    return {"step": step, "epoch": epoch, **_mean_parts(parts), "grad_norm": grad_norm, "lr": lr}
