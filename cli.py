@@ -16,7 +16,7 @@ from loguru import logger
 from analyses.filter_calibration import run_filter_calibration
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import InterpHealError
-from interp_heal.jobs import run_collect, run_steer
+from interp_heal.jobs import run_collect, run_heal, run_steer
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
 
 app = typer.Typer(
@@ -90,6 +90,22 @@ def collect(
         f"overall {summary['kept']}/{summary['generated']}, drops {summary['drop_reasons']}"
     )
     typer.echo(f"completions: {out / 'completions.jsonl'}")
+
+
+@app.command()
+def heal(
+    config: Path | None = ConfigOption,
+    source: Path = typer.Option(..., "--from", help="A collect folder (completions.jsonl + summary.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: train_log.csv and adapter/."),
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Train one round's LoRA on a collect folder's kept completions, behind the KL barrier."""
+    result = run_heal(_resolve(config, overrides), source, out)
+    last = result.log[-1]
+    typer.echo(
+        f"adapter: {result.adapter_dir}  ({len(result.log)} steps; last nll {last['nll']:.3f}, "
+        f"kl_rmse {last['kl_rmse']:.3f}, barrier active {last['barrier_active_frac']:.2f}); {result.val}"
+    )
 
 
 @app.command("calibrate-filter")

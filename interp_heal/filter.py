@@ -37,7 +37,7 @@ _WORD = re.compile(r"[a-z0-9']+")
 class StarvedDataError(InterpHealError):
     """Too few completions survived the filter to train on; carries the collection for the record."""
 
-    def __init__(self, message: str, collection: Collection) -> None:
+    def __init__(self, message: str, collection: Collection | None) -> None:
         super().__init__(message)
         self.collection = collection
 

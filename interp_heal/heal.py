@@ -226,7 +226,7 @@ def _mean_parts(parts: list[LossParts]) -> dict[str, float]:
     fields = ("nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier")
     means = {field: sum(getattr(p, field) for p in parts) / len(parts) for field in fields}
     means["barrier_active_frac"] = sum(p.barrier_active for p in parts) / len(parts)
-    means["loss"] = sum(float(p.loss) for p in parts) / len(parts)
+    means["loss"] = sum(p.loss.item() for p in parts) / len(parts)
     return means
 
 

@@ -1,8 +1,10 @@
-"""Single-stage jobs behind the CLI: `steer` (vector + greedy samples) and `collect` (dose-controlled
-generation + filter). The loop composes the same library calls round after round."""
+"""Single-stage jobs behind the CLI: `steer` (vector + greedy samples), `collect` (dose-controlled
+generation + filter) and `heal` (one adapter from a collect folder). The loop composes the same library
+calls round after round."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +12,11 @@ import torch
 from loguru import logger
 
 from interp_heal.config import Config, save_config
+from interp_heal.errors import DataError
 from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
-from interp_heal.io import write_json, write_jsonl
+from interp_heal.heal import HealResult, heal
+from interp_heal.io import read_jsonl, write_json, write_jsonl
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
 from interp_heal.steer import SteeringVector, extract_steering_vector
@@ -62,6 +66,34 @@ def run_steer(config: Config, out: Path, n_samples: int = 4) -> SteerResult:
     return SteerResult(vector, out / "vector.safetensors", samples, samples_path)
 
 
+def kept_completions(collect_dir: Path) -> list[Completion]:
+    """The training set a `collect` folder chose: kept completions at the dose in its summary.json."""
+    summary_path, rows_path = collect_dir / "summary.json", collect_dir / "completions.jsonl"
+    if not summary_path.is_file() or not rows_path.is_file():
+        raise DataError(f"{collect_dir} is not a collect folder (needs summary.json and completions.jsonl)")
+    kappa = json.loads(summary_path.read_text())["kappa"]
+    fields = Completion.__dataclass_fields__
+    return [
+        Completion(**{k: v for k, v in row.items() if k in fields})
+        for row in read_jsonl(rows_path)
+        if row["kept"] and row["kappa"] == kappa
+    ]
+
+
+def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0) -> HealResult:
+    """Train one round's adapter on a collect folder's kept completions, on top of the base model."""
+    completions = kept_completions(collect_dir)
+    if len(completions) < config.filter.min_train:
+        raise StarvedDataError(
+            f"{collect_dir} holds {len(completions)} kept completions, fewer than min_train={config.filter.min_train}",
+            None,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed)
+
+
 def run_collect(config: Config, out: Path) -> Collection:
     """Vector, then dose-controlled steered sampling + filter: completions.jsonl (all) and summary.json.
 
@@ -82,8 +114,9 @@ def run_collect(config: Config, out: Path) -> Collection:
             generated_only=config.steer.generated_only,
         )
     except StarvedDataError as err:
-        write_jsonl(out / "completions.jsonl", (record.as_dict() for record in err.collection.records))
-        write_json(out / "summary.json", err.collection.summary())
+        if err.collection is not None:
+            write_jsonl(out / "completions.jsonl", (record.as_dict() for record in err.collection.records))
+            write_json(out / "summary.json", err.collection.summary())
         raise
     write_jsonl(out / "completions.jsonl", (record.as_dict() for record in collection.records))
     write_json(out / "summary.json", collection.summary())

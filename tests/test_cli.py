@@ -73,3 +73,45 @@ def test_collect_on_random_model_refuses_to_train_but_keeps_evidence(tmp_path):
     rows = read_jsonl(tmp_path / "completions.jsonl")
     assert rows and not any(row["kept"] for row in rows)
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_heal_command_trains_from_a_collect_folder(tmp_path, tokenizer):
+    from interp_heal.io import write_json, write_jsonl
+    from tests.test_heal import _completions
+
+    collect_dir = tmp_path / "collect"
+    rows = [{**c.as_dict(), "kept": True, "kappa": 0.5, "reasons": []} for c in _completions(tokenizer)]
+    rows.append({**rows[0], "kept": False, "reasons": ["repetition"]})
+    write_jsonl(collect_dir / "completions.jsonl", rows)
+    write_json(collect_dir / "summary.json", {"kappa": 0.5})
+    result = runner.invoke(
+        app, ["heal", "-c", "configs/smoke.yaml", "--from", str(collect_dir), "-o", str(tmp_path / "h")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "h" / "adapter" / "adapter_model.safetensors").is_file()
+    with (tmp_path / "h" / "train_log.csv").open() as handle:
+        assert len(handle.readlines()) == 1 + 3  # header + ceil(5 train / batch 2) steps (1 of 6 held out for val)
+
+
+def test_heal_command_refuses_starved_folder(tmp_path):
+    from interp_heal.io import write_json, write_jsonl
+
+    write_jsonl(tmp_path / "completions.jsonl", [])
+    write_json(tmp_path / "summary.json", {"kappa": 1.0})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "heal",
+            "-c",
+            "configs/smoke.yaml",
+            "--from",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "h"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "fewer than min_train=2" in result.stderr
+    assert not (tmp_path / "h").exists()
