@@ -162,11 +162,14 @@ class HealConfig(Section):
 
 class EvalConfig(Section):
     mfv_data: str | None = Field(None, description="MFV data folder; else env INTERP_HEAL_MFV_DATA.")
-    protocol: Literal["word", "digits"] = "word"
-    condition: Literal["other_violate", "self_violate"] = "other_violate"
-    n_rows: int | None = Field(None, ge=1, description="Stratified subset of vignettes; None = all 132.")
+    protocol: Literal["words", "digits"] = "words"
+    set_name: str = Field("classic", description="Vignette set: vignettes_<set>_<condition>.jsonl.")
+    condition: str = Field("other_violate", description="other_violate or self_violate (or any file's).")
+    n_vignettes: int | None = Field(None, ge=1, description="Stratified subset of vignettes; None = all.")
     think_tokens: int = Field(0, ge=0)
     batch_size: int = Field(16, ge=1)
+    mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
+    n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
 
 
 class LoopConfig(Section):

@@ -1,0 +1,193 @@
+"""Evaluate a model (base, steered, baked student, or prompted with a persona) on three readouts.
+
+1. Trait: paired-response log-odds. For each scenario of an axis, the mean per-token log p of a reply that
+   acts out the pos persona minus that of a reply acting out the neg persona, teacher-forced; mean over
+   scenarios with a bootstrap CI. Works at 135M, where MFV cannot see the trait.
+2. Coherence at small scale: per-token NLL of fixed neutral fluent answers (capability drift), and mean /
+   rmse KL(model || base) on those answers.
+3. MFV (`mfv.py`): the tinymfv forced-choice protocol, care_nats / auth_nats and its own validity numbers
+   (answer-token mass, top-1 agreement with humans).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from interp_heal.config import EvalConfig
+from interp_heal.errors import DataError
+from interp_heal.io import write_json, write_jsonl
+from interp_heal.mfv import (
+    Steering,
+    load_protocol,
+    load_vignettes,
+    resolve_data_dir,
+    score_frames,
+    stratified_subset,
+    summarise_mfv,
+)
+from interp_heal.personas import render_prompts
+from interp_heal.sequences import base_model, continuation_logprobs, kl_from_logprobs, pad_left
+from interp_heal.steer import steered_logits
+
+# Irrelevant persona pair for the validity check: a real trait readout must separate the axis' pos/neg
+# personas by more than it separates these.
+PLACEBO_PAIR = ("You like tidy kitchens.", "You like long walks.")
+
+
+@dataclass(frozen=True)
+class PairedItem:
+    id: str
+    scenario: str
+    pos: str
+    neg: str
+
+
+@cache
+def paired_items(axis: str) -> tuple[PairedItem, ...]:
+    resource = files("interp_heal").joinpath("data", f"paired_{axis}.jsonl")
+    if not resource.is_file():
+        raise DataError(f"no paired-response items for axis {axis!r} (interp_heal/data/paired_{axis}.jsonl)")
+    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tuple(PairedItem(r["id"], r["scenario"], r["pos"], r["neg"]) for r in rows)
+
+
+@cache
+def neutral_answers() -> tuple[tuple[str, str], ...]:
+    text = files("interp_heal").joinpath("data", "neutral_answers.jsonl").read_text(encoding="utf-8")
+    return tuple((row["prompt"], row["answer"]) for row in map(json.loads, filter(str.strip, text.splitlines())))
+
+
+# ---------------------------------------------------------------- teacher forcing
+
+
+def reply_logprobs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    users: list[str],
+    replies: list[str],
+    batch_size: int,
+    steering: Steering | None = None,
+    persona: str | None = None,
+    with_base_kl: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-token log p(reply | chat prompt) per item, and (optionally) per-token KL(model || base)."""
+    steering = steering or Steering()
+    prompts = tokenizer(render_prompts(tokenizer, users, persona), add_special_tokens=False)["input_ids"]
+    reply_ids = [tokenizer.encode(reply, add_special_tokens=False) for reply in replies]
+    device = next(model.parameters()).device
+    logprobs: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+    for start in range(0, len(users), batch_size):
+        batch = pad_left(
+            prompts[start : start + batch_size], reply_ids[start : start + batch_size], tokenizer.pad_token_id, device
+        )
+        with torch.inference_mode():
+            logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
+            logprobs.extend(row.cpu() for row in continuation_logprobs(logits, batch))
+            if with_base_kl:
+                with base_model(model) as base:
+                    base_logits = base(**batch.model_inputs()).logits
+                log_p = torch.log_softmax(logits.float(), dim=-1)
+                kl = kl_from_logprobs(log_p, torch.log_softmax(base_logits.float(), dim=-1))
+                kls.extend(kl[b][batch.target_mask[b]].cpu() for b in range(kl.shape[0]))
+    return logprobs, kls
+
+
+def bootstrap_ci(values: torch.Tensor, n_resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over items."""
+    rng = random.Random(seed)
+    n = values.numel()
+    means = torch.tensor([float(values[[rng.randrange(n) for _ in range(n)]].mean()) for _ in range(n_resamples)])
+    return float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))
+
+
+def trait_log_odds(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    axis: str,
+    config: EvalConfig,
+    steering: Steering | None = None,
+    persona: str | None = None,
+) -> dict[str, object]:
+    """Mean over scenarios of [mean log p(pos reply) - mean log p(neg reply)] in nats/token, with a CI."""
+    items = paired_items(axis)
+    users = [item.scenario for item in items]
+    pos, _ = reply_logprobs(model, tokenizer, users, [i.pos for i in items], config.batch_size, steering, persona)
+    neg, _ = reply_logprobs(model, tokenizer, users, [i.neg for i in items], config.batch_size, steering, persona)
+    per_item = torch.tensor([float(p.mean() - n.mean()) for p, n in zip(pos, neg, strict=True)])
+    low, high = bootstrap_ci(per_item, config.n_bootstrap)
+    return {
+        "axis": axis,
+        "log_odds": float(per_item.mean()),
+        "ci95": [low, high],
+        "n_items": len(items),
+        "per_item": [float(x) for x in per_item],
+    }
+
+
+def neutral_coherence(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: EvalConfig,
+    steering: Steering | None = None,
+    persona: str | None = None,
+) -> dict[str, float]:
+    """NLL per token of fixed neutral answers, and mean / rmse KL(model || base) over their tokens."""
+    prompts, answers = zip(*neutral_answers(), strict=True)
+    logprobs, kls = reply_logprobs(
+        model, tokenizer, list(prompts), list(answers), config.batch_size, steering, persona, with_base_kl=True
+    )
+    all_kl = torch.cat(kls)
+    return {
+        "neutral_nll": float(-torch.cat(logprobs).mean()),
+        "neutral_kl_mean": float(all_kl.mean()),
+        "neutral_kl_rmse": float(all_kl.square().mean().sqrt()),
+    }
+
+
+# ---------------------------------------------------------------- all readouts
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    axis: str,
+    config: EvalConfig,
+    steering: Steering | None = None,
+    persona: str | None = None,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Every readout for one model state; `per_row` (MFV rows) is returned under its own key."""
+    result: dict[str, object] = {
+        "trait": trait_log_odds(model, tokenizer, axis, config, steering, persona),
+        **neutral_coherence(model, tokenizer, config, steering, persona),
+        "think_tokens": config.think_tokens,
+        "config": config.model_dump(mode="json"),
+    }
+    if config.mfv:
+        data_dir = resolve_data_dir(config.mfv_data)
+        protocol = load_protocol(data_dir, config.protocol)
+        rows = stratified_subset(load_vignettes(data_dir, config.set_name, config.condition), config.n_vignettes, seed)
+        frames = score_frames(
+            model, tokenizer, protocol, rows, config.think_tokens, config.batch_size, steering, persona
+        )
+        result.update(summarise_mfv(protocol, rows, frames))
+    return result
+
+
+def write_eval(result: dict[str, object], path: Path) -> None:
+    """OUT.json without the per-row records, and OUT.rows.jsonl beside it."""
+    per_row = result.get("per_row") or []
+    if not isinstance(per_row, list):
+        raise TypeError("per_row must be a list of records")
+    write_json(path, {k: v for k, v in result.items() if k != "per_row"})
+    write_jsonl(path.with_suffix(".rows.jsonl"), per_row)

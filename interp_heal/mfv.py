@@ -1,0 +1,298 @@
+"""The MFV forced-choice protocol (tinymfv-compatible), read from a data folder at run time.
+
+The vignettes and every protocol string live in the data folder (`--mfv-data`, env INTERP_HEAL_MFV_DATA, or an
+installed tinymfv package); nothing of them is copied here. See the folder's PROTOCOL.md for the spec this
+module implements: two frames per row (options forward and reversed), an optional greedy think phase, a
+forced suffix ending in the answer prefill, the full-vocabulary log-prob of each option's answer token,
+position-debiased scores, per-row softmax, profile = mean over rows, F_nats = ln(profile[F]).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from interp_heal.errors import DataError
+from interp_heal.personas import chat_messages, supports_system_role
+from interp_heal.sequences import continuation_logprobs, pad_left
+from interp_heal.steer import SteeringVector, steered_generate, steered_logits
+
+DATA_ENV = "INTERP_HEAL_MFV_DATA"
+FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "SocialNorms")
+PROTOCOL_FILES = {"words": "protocol.json", "digits": "protocol_digits.json"}
+_ANSWER_SENTINEL = "\u2063interp-heal-answer\u2063"
+
+
+# ---------------------------------------------------------------- data
+
+
+def resolve_data_dir(explicit: str | Path | None = None) -> Path:
+    """--mfv-data, else $INTERP_HEAL_MFV_DATA, else the data folder of an installed tinymfv/moralmaps."""
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit))
+    elif os.environ.get(DATA_ENV):
+        candidates.append(Path(os.environ[DATA_ENV]))
+    else:
+        for package in ("tinymfv", "moralmaps"):
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.origin is not None:
+                candidates.append(Path(spec.origin).parent / "data")
+    for folder in candidates:
+        if (folder / PROTOCOL_FILES["words"]).is_file():
+            return folder
+    looked = ", ".join(str(c) for c in candidates) or "nowhere"
+    raise DataError(
+        f"MFV data not found (looked in: {looked}). Pass --mfv-data DIR or set {DATA_ENV}=DIR to a folder "
+        "holding protocol.json, protocol_digits.json and vignettes_<set>_<condition>.jsonl"
+    )
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    answer_kind: str  # "word_first_token" or "index_digit"
+    options: tuple[str, ...]
+    option_to_foundation: dict[str, str]
+    option_glosses: dict[str, str]
+    hint_head: str
+    hint_option_line: str
+    hint_tail: str
+    user_message: str
+    think_open: str
+    think_close: str
+    nudge_user_message: str
+    answer_prefill: str
+    default_think_tokens: int
+    suppress_end_during_think: bool
+
+
+def load_protocol(data_dir: Path, kind: str) -> Protocol:
+    if kind not in PROTOCOL_FILES:
+        raise DataError(f"unknown MFV protocol {kind!r}; use one of {sorted(PROTOCOL_FILES)}")
+    path = data_dir / PROTOCOL_FILES[kind]
+    try:
+        raw = json.loads(path.read_text())
+        fields = Protocol.__dataclass_fields__
+        protocol = Protocol(**{k: raw[k] for k in fields if k not in {"options"}}, options=tuple(raw["options"]))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"malformed MFV protocol file {path}: {err!r}") from err
+    if sorted(protocol.option_to_foundation.values()) != sorted(FOUNDATIONS):
+        raise DataError(f"{path}: option_to_foundation must map onto {FOUNDATIONS}")
+    return protocol
+
+
+@dataclass(frozen=True)
+class Vignette:
+    id: str
+    foundation: str  # coarse foundation label
+    text: str
+    human: dict[str, float]  # renormalised human_<F> shares
+
+
+def load_vignettes(data_dir: Path, set_name: str = "classic", condition: str = "other_violate") -> list[Vignette]:
+    path = data_dir / f"vignettes_{set_name}_{condition}.jsonl"
+    if not path.is_file():
+        available = sorted(p.name for p in data_dir.glob("vignettes_*.jsonl"))
+        raise DataError(f"no vignette file {path.name} in {data_dir}; available: {available}")
+    rows = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            rows.append(_parse_row(line, f"{path.name} line {line_number}"))
+    return rows
+
+
+def _parse_row(line: str, where: str) -> Vignette:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    for field in ("id", "foundation_coarse", "text"):
+        if not isinstance(row.get(field), str) or not row[field].strip():
+            raise DataError(f"{where} (id {row.get('id')!r}): field {field!r} must be a non-empty string")
+    shares = {}
+    for foundation in FOUNDATIONS:
+        value = row.get(f"human_{foundation}")
+        if not isinstance(value, int | float) or value < 0 or math.isnan(value):
+            raise DataError(f"{where} (id {row['id']!r}): field 'human_{foundation}' must be a number >= 0")
+        shares[foundation] = float(value)
+    total = sum(shares.values())
+    human = {f: v / total for f, v in shares.items()} if total > 0 else {f: 1 / len(FOUNDATIONS) for f in FOUNDATIONS}
+    return Vignette(row["id"], row["foundation_coarse"], row["text"], human)
+
+
+def stratified_subset(rows: list[Vignette], n: int | None, seed: int = 0) -> list[Vignette]:
+    """n rows balanced across foundations (round-robin over seeded per-foundation shuffles); None = all rows."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    groups: dict[str, list[Vignette]] = {}
+    for row in rows:
+        groups.setdefault(row.foundation, []).append(row)
+    for members in groups.values():
+        rng.shuffle(members)
+    picked: list[Vignette] = []
+    depth = 0
+    while len(picked) < n:
+        for foundation in sorted(groups):
+            if depth < len(groups[foundation]) and len(picked) < n:
+                picked.append(groups[foundation][depth])
+        depth += 1
+    return picked
+
+
+# ---------------------------------------------------------------- frames
+
+
+def frame_options(protocol: Protocol, frame: str) -> list[str]:
+    return list(protocol.options) if frame == "forward" else list(reversed(protocol.options))
+
+
+def user_prompt(protocol: Protocol, text: str, order: list[str]) -> str:
+    lines = [
+        protocol.hint_option_line.format(option=option, index=index, gloss=protocol.option_glosses[option])
+        for index, option in enumerate(order)
+    ]
+    hint = protocol.hint_head + "\n".join(lines) + protocol.hint_tail
+    return protocol.user_message.format(text=text, hint=hint)
+
+
+def answer_token_ids(protocol: Protocol, tokenizer: PreTrainedTokenizerBase, order: list[str]) -> list[int]:
+    """Token id per option in canonical order, for one frame (digits depend on the frame's listing)."""
+    ids = []
+    for option in protocol.options:
+        piece = option if protocol.answer_kind == "word_first_token" else str(order.index(option))
+        ids.append(tokenizer.encode(piece, add_special_tokens=False)[0])
+    if len(set(ids)) != len(ids):
+        raise DataError(f"protocol {protocol.name}: option answer tokens are not distinct for this tokenizer: {ids}")
+    return ids
+
+
+def forced_suffix(protocol: Protocol, tokenizer: PreTrainedTokenizerBase) -> str:
+    """think_close + the template's assistant-turn close + a user turn with the nudge + the assistant opening.
+
+    Read off the tokenizer's own chat template by rendering a sentinel assistant turn followed by the nudge.
+    """
+    chat = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": _ANSWER_SENTINEL},
+        {"role": "user", "content": protocol.nudge_user_message},
+    ]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    if _ANSWER_SENTINEL not in rendered:
+        raise DataError("the chat template drops assistant content; cannot build the MFV forced suffix")
+    return protocol.think_close + rendered.split(_ANSWER_SENTINEL, 1)[1]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class Steering:
+    """An optional steering vector active for a whole evaluation."""
+
+    vector: SteeringVector | None = None
+    coeff: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.vector is not None and self.coeff != 0
+
+
+def _think(model, tokenizer, prompts_ids: list[list[int]], think_tokens: int, protocol: Protocol, steering: Steering):
+    if think_tokens == 0:
+        return [[] for _ in prompts_ids]
+    device = next(model.parameters()).device
+    batch = pad_left(prompts_ids, [[] for _ in prompts_ids], tokenizer.pad_token_id, device)
+    kwargs: dict[str, object] = {"max_new_tokens": think_tokens, "min_new_tokens": think_tokens, "do_sample": False}
+    if protocol.suppress_end_during_think:
+        kwargs["bad_words_ids"] = [tokenizer.encode(protocol.think_close, add_special_tokens=False)]
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    sequences = steered_generate(model, tokenizer, inputs, steering.vector, steering.coeff, **kwargs)
+    return sequences[:, batch.input_ids.shape[1] :].tolist()
+
+
+def score_frames(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    protocol: Protocol,
+    rows: list[Vignette],
+    think_tokens: int,
+    batch_size: int,
+    steering: Steering | None = None,
+    persona: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per row and frame: option log-probs [n, 2, 7], answer-token mass [n, 2], prefill NLL [n, 2]."""
+    steering = steering or Steering()
+    system_role = supports_system_role(tokenizer)
+    suffix_ids = tokenizer.encode(forced_suffix(protocol, tokenizer), add_special_tokens=False)
+    prefill_ids = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
+    device = next(model.parameters()).device
+    jobs = [(r, frame) for r in range(len(rows)) for frame in ("forward", "reversed")]
+    option_lp = torch.zeros(len(rows), 2, len(protocol.options))
+    nll = torch.zeros(len(rows), 2)
+    for start in tqdm(range(0, len(jobs), batch_size), desc="mfv", leave=False):
+        chunk = jobs[start : start + batch_size]
+        prompt_ids = []
+        for row_index, frame in chunk:
+            user = user_prompt(protocol, rows[row_index].text, frame_options(protocol, frame))
+            chat = chat_messages(user, persona, system_role)
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + protocol.think_open
+            prompt_ids.append(tokenizer.encode(text, add_special_tokens=False))
+        thoughts = _think(model, tokenizer, prompt_ids, think_tokens, protocol, steering)
+        contexts = [p + t + suffix_ids for p, t in zip(prompt_ids, thoughts, strict=True)]
+        batch = pad_left(contexts, [prefill_ids] * len(contexts), tokenizer.pad_token_id, device)
+        with torch.inference_mode():
+            logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
+        last = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+        prefill_lp = continuation_logprobs(logits, batch)
+        for b, (row_index, frame) in enumerate(chunk):
+            frame_index = 0 if frame == "forward" else 1
+            ids = answer_token_ids(protocol, tokenizer, frame_options(protocol, frame))
+            option_lp[row_index, frame_index] = last[b, ids]
+            nll[row_index, frame_index] = -prefill_lp[b].mean().cpu()
+    return {"option_lp": option_lp, "pmass": option_lp.exp().sum(-1), "nll_prefill": nll}
+
+
+def summarise_mfv(protocol: Protocol, rows: list[Vignette], frames: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Position-debiased scores, per-row softmax, the profile in nats and the validity numbers."""
+    foundations = [protocol.option_to_foundation[o] for o in protocol.options]
+    score = frames["option_lp"].mean(dim=1)  # (forward + reversed) / 2
+    p_row = torch.softmax(score, dim=-1)
+    profile = p_row.mean(0)
+    human = torch.tensor([[row.human[f] for f in foundations] for row in rows])
+    human_profile = human.mean(0)
+    nats = {f: float(torch.log(profile[i])) for i, f in enumerate(foundations)}
+    return {
+        "profile": {f: float(profile[i]) for i, f in enumerate(foundations)},
+        "human_profile": {f: float(human_profile[i]) for i, f in enumerate(foundations)},
+        "nats": nats,
+        "care_nats": nats["Care"],
+        "auth_nats": nats["Authority"],
+        "coherence": float(frames["pmass"].mean()),
+        "nll_prefill": float(frames["nll_prefill"].mean()),
+        "top1_acc": float((score.argmax(-1) == human.argmax(-1)).float().mean()),
+        "soft_nll": float(-(human * torch.log(p_row)).sum(-1).mean()),
+        "n_rows": len(rows),
+        "per_row": [
+            {
+                "id": row.id,
+                "foundation": row.foundation,
+                "p": [float(x) for x in p_row[i]],
+                "score": [float(x) for x in score[i]],
+                "pmass": float(frames["pmass"][i].mean()),
+                "top1": foundations[int(score[i].argmax())],
+            }
+            for i, row in enumerate(rows)
+        ],
+    }

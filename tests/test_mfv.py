@@ -1,0 +1,125 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from interp_heal.errors import DataError
+from interp_heal.mfv import (
+    FOUNDATIONS,
+    answer_token_ids,
+    forced_suffix,
+    frame_options,
+    load_protocol,
+    load_vignettes,
+    resolve_data_dir,
+    score_frames,
+    stratified_subset,
+    summarise_mfv,
+    user_prompt,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mfv"
+
+
+@pytest.fixture
+def rows():
+    return load_vignettes(FIXTURES, "fixture", "other_violate")
+
+
+@pytest.mark.parametrize("kind", ["words", "digits"])
+def test_answer_tokens_are_distinct_in_both_frames(tokenizer, kind):
+    protocol = load_protocol(FIXTURES, kind)
+    forward = answer_token_ids(protocol, tokenizer, frame_options(protocol, "forward"))
+    reversed_ = answer_token_ids(protocol, tokenizer, frame_options(protocol, "reversed"))
+    assert len(set(forward)) == len(set(reversed_)) == 7
+    if kind == "words":
+        assert forward == reversed_  # the same word token whatever the listing order
+    else:
+        # digit k in the reversed frame names option K-1-k: mapped back to canonical order
+        assert forward == list(reversed(reversed_))
+        assert tokenizer.decode([forward[0]]) == "0"
+
+
+def test_prompt_and_suffix_follow_the_protocol(tokenizer, rows):
+    protocol = load_protocol(FIXTURES, "words")
+    prompt = user_prompt(protocol, rows[0].text, frame_options(protocol, "reversed"))
+    assert prompt.startswith("Scene: " + rows[0].text + "\nPick one reason:\n- social: odd but harmless")
+    assert forced_suffix(protocol, tokenizer) == (
+        "</think><|im_end|>\n<|im_start|>user\nYour answer?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_linear_position_bias_cancels():
+    protocol = load_protocol(FIXTURES, "words")
+    rows = load_vignettes(FIXTURES, "fixture", "other_violate")[:3]
+    true_lp = torch.log_softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)), -1)
+    bias = 0.8 * torch.arange(7.0)  # prefers later positions
+    forward_positions = torch.arange(7.0)
+    reversed_positions = 6 - forward_positions  # canonical option k sits at position 6-k when reversed
+    option_lp = torch.stack([true_lp + bias[forward_positions.long()], true_lp + bias[reversed_positions.long()]], 1)
+    frames = {"option_lp": option_lp, "pmass": torch.full((3, 2), 0.5), "nll_prefill": torch.ones(3, 2)}
+    summary = summarise_mfv(protocol, rows, frames)
+    expected = torch.softmax(true_lp, -1)
+    for i, row in enumerate(summary["per_row"]):
+        torch.testing.assert_close(torch.tensor(row["p"]), expected[i])
+
+
+@pytest.mark.parametrize(("kind", "think_tokens"), [("words", 0), ("digits", 3)])
+def test_profile_and_validity_numbers(tiny_model, tokenizer, rows, kind, think_tokens):
+    protocol = load_protocol(FIXTURES, kind)
+    frames = score_frames(tiny_model, tokenizer, protocol, rows[:5], think_tokens, batch_size=4)
+    summary = summarise_mfv(protocol, rows[:5], frames)
+    assert sum(summary["profile"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(summary["human_profile"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= summary["coherence"] <= 1.0
+    assert summary["care_nats"] == pytest.approx(math.log(summary["profile"]["Care"]))
+    assert set(summary["nats"]) == set(FOUNDATIONS) and summary["n_rows"] == 5
+    assert 0.0 <= summary["top1_acc"] <= 1.0 and summary["soft_nll"] > 0 and summary["nll_prefill"] > 0
+
+
+def test_batching_does_not_change_scores(tiny_model, tokenizer, rows):
+    protocol = load_protocol(FIXTURES, "words")
+    one = score_frames(tiny_model, tokenizer, protocol, rows[:4], 0, batch_size=1)
+    many = score_frames(tiny_model, tokenizer, protocol, rows[:4], 0, batch_size=8)
+    torch.testing.assert_close(one["option_lp"], many["option_lp"], atol=1e-4, rtol=1e-4)
+
+
+def test_stratified_subsets_are_balanced_and_reproducible(rows):
+    subset = stratified_subset(rows, 7, seed=3)
+    assert sorted(r.foundation for r in subset) == sorted(FOUNDATIONS)
+    assert [r.id for r in subset] == [r.id for r in stratified_subset(rows, 7, seed=3)]
+    assert stratified_subset(rows, None) == rows
+    assert len(stratified_subset(rows, 10, seed=0)) == 10
+
+
+def test_missing_data_folder_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("INTERP_HEAL_MFV_DATA", raising=False)
+    with pytest.raises(DataError, match="Pass --mfv-data DIR or set INTERP_HEAL_MFV_DATA"):
+        resolve_data_dir(tmp_path / "nowhere")
+    monkeypatch.setenv("INTERP_HEAL_MFV_DATA", str(FIXTURES))
+    assert resolve_data_dir() == FIXTURES
+
+
+def test_malformed_row_names_row_and_field(tmp_path):
+    good = (FIXTURES / "vignettes_fixture_other_violate.jsonl").read_text().splitlines()
+    bad = json.loads(good[2])
+    bad["human_Care"] = "lots"
+    (tmp_path / "vignettes_bad_other_violate.jsonl").write_text("\n".join([good[0], good[1], json.dumps(bad)]))
+    with pytest.raises(DataError, match=r"line 3 \(id 'fairness-0'\): field 'human_Care' must be a number"):
+        load_vignettes(tmp_path, "bad", "other_violate")
+    with pytest.raises(DataError, match=r"no vignette file vignettes_nope_other_violate\.jsonl"):
+        load_vignettes(tmp_path, "nope", "other_violate")
+
+
+def test_shared_benchmark_loads_when_present():
+    import os
+
+    data = os.environ.get("INTERP_HEAL_MFV_DATA")
+    if not data or not Path(data, "protocol.json").is_file():
+        pytest.skip("INTERP_HEAL_MFV_DATA not set (CI sets it to ../shared/mfv)")
+    rows = load_vignettes(Path(data), "classic", "other_violate")
+    assert len(rows) == 132 and {r.foundation.replace(" ", "") for r in rows} == set(FOUNDATIONS)
+    for kind in ("words", "digits"):
+        assert load_protocol(Path(data), kind).options[0] == "care"
