@@ -15,8 +15,8 @@ from loguru import logger
 
 from analyses.filter_calibration import run_filter_calibration
 from interp_heal.config import Config, config_to_yaml, load_config
-from interp_heal.errors import InterpHealError
-from interp_heal.jobs import run_collect, run_heal, run_steer
+from interp_heal.errors import ConfigError, InterpHealError
+from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
 
 app = typer.Typer(
@@ -106,6 +106,65 @@ def heal(
         f"adapter: {result.adapter_dir}  ({len(result.log)} steps; last nll {last['nll']:.3f}, "
         f"kl_rmse {last['kl_rmse']:.3f}, barrier active {last['barrier_active_frac']:.2f}); {result.val}"
     )
+
+
+@app.command("eval")
+def eval_command(
+    out: Path = typer.Option(..., "--out", "-o", help="OUT.json (per-row records go to OUT.rows.jsonl)."),
+    config: Path | None = ConfigOption,
+    model: str | None = typer.Option(None, "--model", help="Model spec (default: the config's)."),
+    adapters: list[Path] | None = typer.Option(None, "--adapters", help="Adapter folders to bake, in order."),
+    vector: Path | None = typer.Option(None, "--vector", help="Steering vector (.safetensors) active throughout."),
+    coeff: float = typer.Option(0.0, "--coeff", help="Steering coefficient for --vector."),
+    persona: str | None = typer.Option(None, "--persona", help="Prompting baseline: this axis' persona."),
+    persona_side: str = typer.Option("pos", "--persona-side", help="pos or neg persona of --persona."),
+    mfv_data: Path | None = typer.Option(None, "--mfv-data", help="MFV data folder."),
+    protocol: str | None = typer.Option(None, "--protocol", help="words or digits."),
+    condition: str | None = typer.Option(None, "--condition", help="other_violate or self_violate."),
+    n_vignettes: int | None = typer.Option(None, "--n-vignettes", help="Stratified subset size."),
+    think_tokens: int | None = typer.Option(None, "--think-tokens", help="Greedy think tokens before answering."),
+    sets: list[str] | None = typer.Option(
+        None, "--set", help="A vignette set name (e.g. --set classic), or a config override key=value."
+    ),
+) -> None:
+    """Evaluate a model state: trait log-odds, neutral coherence and the MFV profile."""
+    # `--set` does double duty here: the vignette set (as the MFV tooling names it) and, like every other
+    # command, config overrides; an override always contains "=", a set name never does.
+    overrides = [value for value in sets or [] if "=" in value]
+    set_names = [value for value in sets or [] if "=" not in value]
+    if len(set_names) > 1:
+        raise ConfigError(f"give at most one vignette set with --set, got {set_names}")
+    set_name = set_names[0] if set_names else None
+    flags = {
+        "model.spec": model,
+        "eval.mfv_data": mfv_data,
+        "eval.protocol": protocol,
+        "eval.set_name": set_name,
+        "eval.condition": condition,
+        "eval.n_vignettes": n_vignettes,
+        "eval.think_tokens": think_tokens,
+    }
+    from_flags = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    resolved = _resolve(config, [*from_flags, *overrides])
+    result = run_eval(resolved, out, adapters, vector, coeff, persona, persona_side)
+    typer.echo(format_eval(result))
+
+
+def format_eval(result: dict) -> str:
+    trait = result["trait"]
+    lines = [
+        f"trait ({trait['axis']}) log-odds {trait['log_odds']:+.3f} nats/token, "
+        f"95% CI [{trait['ci95'][0]:+.3f}, {trait['ci95'][1]:+.3f}] over {trait['n_items']} scenarios",
+        f"neutral NLL {result['neutral_nll']:.3f}; KL to base mean {result['neutral_kl_mean']:.4f} "
+        f"rmse {result['neutral_kl_rmse']:.4f}",
+    ]
+    if "nats" in result:
+        nats = ", ".join(f"{k} {v:+.2f}" for k, v in result["nats"].items())
+        lines.append(
+            f"MFV ({result['n_rows']} rows, {result['think_tokens']} think): {nats}; answer-token mass "
+            f"{result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
+        )
+    return "\n".join(lines)
 
 
 @app.command("calibrate-filter")

@@ -134,6 +134,19 @@ def trait_log_odds(
     }
 
 
+def paired_difference(first: dict[str, object], second: dict[str, object], n_bootstrap: int) -> dict[str, object]:
+    """Mean per-scenario difference of two trait readouts on the same items, with a bootstrap CI.
+
+    The paired comparison is the right test between two model states (e.g. pos vs neg persona): item
+    difficulty cancels, so the interval is far tighter than comparing two separate intervals.
+    """
+    a, b = torch.tensor(first["per_item"]), torch.tensor(second["per_item"])
+    if a.shape != b.shape:
+        raise ValueError("paired_difference needs two readouts over the same items")
+    low, high = bootstrap_ci(a - b, n_bootstrap)
+    return {"diff": float((a - b).mean()), "ci95": [low, high]}
+
+
 def neutral_coherence(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -11,12 +11,15 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from interp_heal.config import Config, save_config
+from interp_heal.bake import bake
+from interp_heal.config import Config, PersonaConfig, save_config
 from interp_heal.errors import DataError
+from interp_heal.evaluate import evaluate, write_eval
 from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, heal
 from interp_heal.io import read_jsonl, write_json, write_jsonl
+from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
 from interp_heal.steer import SteeringVector, extract_steering_vector
@@ -92,6 +95,35 @@ def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0)
     save_config(config, out / "config.yaml")
     model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
     return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed)
+
+
+def run_eval(
+    config: Config,
+    out: Path,
+    adapters: list[Path] | None = None,
+    vector_path: Path | None = None,
+    coeff: float = 0.0,
+    persona_axis: str | None = None,
+    persona_side: str = "pos",
+) -> dict[str, object]:
+    """Evaluate base / baked student / steered / persona-prompted; write OUT.json and OUT.rows.jsonl."""
+    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model = bake(model, list(adapters or []))
+    steering = Steering(SteeringVector.load(vector_path), coeff) if vector_path is not None else Steering()
+    persona = None
+    if persona_axis is not None:
+        pair = persona_pair(PersonaConfig(axis=persona_axis))
+        persona = pair.pos if persona_side == "pos" else pair.neg
+    result = evaluate(model, tokenizer, persona_pair(config.persona).axis, config.eval, steering, persona, config.seed)
+    result["mode"] = {
+        "model": info.name,
+        "adapters": [str(a) for a in adapters or []],
+        "vector": str(vector_path) if vector_path else None,
+        "coeff": coeff,
+        "persona": persona,
+    }
+    write_eval(result, out)
+    return result
 
 
 def run_collect(config: Config, out: Path) -> Collection:

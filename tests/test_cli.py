@@ -115,3 +115,44 @@ def test_heal_command_refuses_starved_folder(tmp_path):
     )
     assert result.returncode == 2 and "fewer than min_train=2" in result.stderr
     assert not (tmp_path / "h").exists()
+
+
+def test_eval_command_on_fixture_data(tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            "configs/smoke.yaml",
+            "--mfv-data",
+            "tests/fixtures/mfv",
+            "--set",
+            "fixture",
+            "--n-vignettes",
+            "7",
+            "--persona",
+            "love",
+            "--out",
+            str(out),
+            "--set",
+            "eval.n_bootstrap=100",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "trait (love) log-odds" in result.output and "MFV (7 rows" in result.output
+    assert out.is_file() and out.with_suffix(".rows.jsonl").is_file()
+
+
+def test_eval_without_data_names_both_ways_to_provide_it(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "INTERP_HEAL_MFV_DATA"}
+    result = subprocess.run(
+        [sys.executable, "cli.py", "eval", "-c", "configs/smoke.yaml", "--out", str(tmp_path / "e.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "--mfv-data" in result.stderr and "INTERP_HEAL_MFV_DATA" in result.stderr

@@ -1,0 +1,76 @@
+import torch
+
+from interp_heal.config import EvalConfig
+from interp_heal.evaluate import (
+    bootstrap_ci,
+    evaluate,
+    neutral_answers,
+    neutral_coherence,
+    paired_items,
+    trait_log_odds,
+    write_eval,
+)
+from interp_heal.io import read_jsonl
+from interp_heal.mfv import Steering
+from tests.test_mfv import FIXTURES
+from tests.test_steer import _random_vector
+
+FAST = EvalConfig(mfv_data=str(FIXTURES), set_name="fixture", n_vignettes=7, batch_size=16, n_bootstrap=200)
+
+
+def test_packaged_items():
+    for axis in ("love", "authority"):
+        items = paired_items(axis)
+        assert len(items) >= 48 and len({i.scenario for i in items}) == len(items)
+        assert all(i.pos != i.neg for i in items)
+    assert paired_items("love")[0].scenario == "Do you love humanity?"
+    assert len(neutral_answers()) >= 32
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    values = torch.tensor([0.1, 0.4, -0.2, 0.3, 0.5, 0.0, 0.2, 0.25])
+    low, high = bootstrap_ci(values, 500)
+    assert low < float(values.mean()) < high
+    constant_low, constant_high = bootstrap_ci(torch.full((10,), 0.3), 200)
+    assert abs(constant_low - 0.3) < 1e-6 and abs(constant_high - 0.3) < 1e-6
+
+
+def test_trait_readout_moves_under_steering_and_persona(tiny_model, tokenizer):
+    base = trait_log_odds(tiny_model, tokenizer, "love", FAST)
+    steered = trait_log_odds(tiny_model, tokenizer, "love", FAST, Steering(_random_vector(scale=0.5), 1.0))
+    prompted = trait_log_odds(tiny_model, tokenizer, "love", FAST, persona="You are a pirate.")
+    assert base["n_items"] == len(base["per_item"]) >= 48
+    assert base["ci95"][0] <= base["log_odds"] <= base["ci95"][1]
+    assert steered["log_odds"] != base["log_odds"] and prompted["log_odds"] != base["log_odds"]
+
+
+def test_neutral_coherence_is_zero_kl_for_the_base_and_positive_when_steered(tiny_model, tokenizer):
+    base = neutral_coherence(tiny_model, tokenizer, FAST)
+    assert base["neutral_kl_mean"] == 0.0 and base["neutral_nll"] > 0
+    steered = neutral_coherence(tiny_model, tokenizer, FAST, Steering(_random_vector(scale=0.5), 1.0))
+    assert steered["neutral_kl_mean"] > 0 and steered["neutral_kl_rmse"] >= steered["neutral_kl_mean"]
+
+
+def test_evaluate_writes_json_and_rows(tiny_model, tokenizer, tmp_path):
+    result = evaluate(tiny_model, tokenizer, "love", FAST)
+    for key in (
+        "profile",
+        "human_profile",
+        "nats",
+        "care_nats",
+        "auth_nats",
+        "coherence",
+        "nll_prefill",
+        "top1_acc",
+        "soft_nll",
+        "n_rows",
+        "think_tokens",
+        "config",
+        "trait",
+        "neutral_nll",
+    ):
+        assert key in result, key
+    write_eval(result, tmp_path / "eval.json")
+    rows = read_jsonl(tmp_path / "eval.rows.jsonl")
+    assert len(rows) == 7 and {"id", "foundation", "p", "score", "pmass", "top1"} <= set(rows[0])
+    assert "per_row" not in (tmp_path / "eval.json").read_text()
