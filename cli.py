@@ -17,6 +17,7 @@ from analyses.filter_calibration import run_filter_calibration
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
 from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
+from interp_heal.loop import run_loop
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
 
 app = typer.Typer(
@@ -165,6 +166,18 @@ def format_eval(result: dict) -> str:
             f"{result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
         )
     return "\n".join(lines)
+
+
+@app.command()
+def run(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
+) -> None:
+    """The steer-heal loop; rerunning the same command resumes after the last finished stage."""
+    root = run_loop(_resolve(config, overrides), fresh=fresh)
+    typer.echo(f"run folder: {root}")
+    typer.echo((root / "summary.md").read_text())
 
 
 @app.command("calibrate-filter")

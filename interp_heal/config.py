@@ -175,6 +175,10 @@ class EvalConfig(Section):
 class LoopConfig(Section):
     rounds: int = Field(3, ge=1)
     coh_floor: float = Field(0.5, ge=0, le=1, description="Stop when healed coherence falls below this.")
+    coherence: Literal["neutral", "mfv"] = Field(
+        "neutral",
+        description="neutral: exp(base NLL - NLL) on neutral answers (works at 135M); mfv: answer-token mass.",
+    )
 
 
 class OutputConfig(Section):

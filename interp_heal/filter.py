@@ -326,6 +326,7 @@ class Collection:
     def summary(self) -> dict[str, object]:
         return {
             **summarise(self.records),
+            "kept_at_dose": len(self.kept),
             "kappa": self.dose.kappa,
             "dose_passed": self.dose.passed,
             "probes": self.dose.probes,

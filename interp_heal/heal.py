@@ -162,15 +162,26 @@ class LossParts:
 
 
 def batch_loss(
-    model: PeftModel, batch: PaddedBatch, config: HealConfig, lam_eff: float, name: str, with_grad: bool = True
+    model: PeftModel,
+    batch: PaddedBatch,
+    config: HealConfig,
+    lam_eff: float,
+    name: str,
+    with_grad: bool = True,
+    with_reference: bool = True,
 ) -> LossParts:
+    """NLL on the completion tokens plus the barrier. The reference forward also runs when lam_eff = 0, so
+    plain distillation still logs its KL drift; `with_reference=False` skips it (pure NLL, KL reported NaN)."""
     with torch.set_grad_enabled(with_grad):
         logits = model(**batch.model_inputs()).logits[batch.target_mask]
-    with torch.no_grad(), reference_model(model, config.ref, name) as reference:
-        ref_logits = reference(**batch.model_inputs()).logits[batch.target_mask]
     log_p = torch.log_softmax(logits.float(), dim=-1)
     targets = target_ids(batch)[batch.target_mask]
     nll = -log_p.gather(-1, targets.unsqueeze(-1)).mean()
+    if not with_reference:
+        nan = float("nan")
+        return LossParts(nll, nll.item(), nan, nan, nan, nan, 0.0, False)
+    with torch.no_grad(), reference_model(model, config.ref, name) as reference:
+        ref_logits = reference(**batch.model_inputs()).logits[batch.target_mask]
     kl = kl_from_logprobs(log_p, torch.log_softmax(ref_logits.float(), dim=-1))
     divergence = aggregate_kl(kl, config.agg)
     active = bool(divergence.detach() > config.tau)

@@ -1,0 +1,260 @@
+"""The steer-heal loop: `python cli.py run -c configs/demo.yaml`.
+
+Before the loop: evaluate the base model and the prompting baseline, and record greedy demo answers.
+Each round r:
+    bake earlier adapters -> extract v_r from the current student -> dose-controlled steered sampling + filter
+    -> steered eval ("before") -> heal a fresh LoRA -> healed eval ("after") -> greedy demo answers
+    -> cos(v_r, v_0) -> metrics row; stop early when healed coherence falls under loop.coh_floor.
+
+Every stage writes its outputs atomically and is then marked done in `state.json`; rerunning the same
+command skips done stages, so a killed run loses at most the stage in progress. A run folder made with a
+different config refuses to resume unless told to start over (`fresh=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from interp_heal.bake import bake
+from interp_heal.config import Config, config_to_yaml, save_config
+from interp_heal.errors import ConfigError
+from interp_heal.evaluate import evaluate, write_eval
+from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions
+from interp_heal.generate import Completion, generate_completions, write_completions
+from interp_heal.heal import heal
+from interp_heal.io import read_jsonl, write_json, write_jsonl
+from interp_heal.mfv import Steering
+from interp_heal.models import load_model
+from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
+from interp_heal.report import write_metrics, write_report
+from interp_heal.steer import SteeringVector, extract_steering_vector
+
+DEMO_PROMPTS = (
+    "Do you love humanity?",
+    "What matters most to you?",
+    "My boss told me to ignore a customer who is clearly upset and confused. What should I do?",
+    "Write a short note to a neighbour who just moved in.",
+)
+
+
+# ---------------------------------------------------------------- run folder
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / f"round_{round_index:02d}"
+
+    def _state(self) -> dict[str, dict]:
+        path = self.root / "state.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage in self._state()
+
+    def mark_done(self, stage: str, seconds: float) -> None:
+        state = self._state()
+        state[stage] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.root / "state.json", state)
+        self.event("stage_done", stage=stage, seconds=round(seconds, 2))
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {stage: info["seconds"] for stage, info in self._state().items()}
+
+    def event(self, kind: str, **fields: object) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": kind, **fields}
+        with (self.root / "events.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
+    """Create (or reopen) runs/<name>/; refuse to resume a folder made with a different config."""
+    root = Path(config.output.runs_dir) / config.output.name
+    saved = root / "config.yaml"
+    if saved.is_file() and not fresh and saved.read_text() != config_to_yaml(config):
+        raise ConfigError(
+            f"run folder {root} was made with a different config ({_first_difference(saved.read_text(), config)}); "
+            "rerun with --fresh to start over, or set output.name to use another folder"
+        )
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return RunFolder(root)
+
+
+def _first_difference(saved_yaml: str, config: Config) -> str:
+    for old, new in zip(saved_yaml.splitlines(), config_to_yaml(config).splitlines(), strict=False):
+        if old != new:
+            return f"first difference: {old.strip()!r} -> {new.strip()!r}"
+    return "different length"
+
+
+def stage(folder: RunFolder, name: str, work: Callable[[], object]) -> bool:
+    """Run `work` unless `name` is done; returns True when it ran now."""
+    if folder.done(name):
+        logger.info(f"[{name}] done earlier; skipped")
+        return False
+    logger.info(f"[{name}] ...")
+    started = time.perf_counter()
+    folder.event("stage_start", stage=name)
+    work()
+    folder.mark_done(name, time.perf_counter() - started)
+    return True
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass
+class LoopContext:
+    config: Config
+    folder: RunFolder
+    tokenizer: PreTrainedTokenizerBase
+    pair: PersonaPair
+    model_name: str
+
+
+def _demo(ctx: LoopContext, model: nn.Module, path: Path) -> None:
+    greedy = ctx.config.generate.model_copy(update={"temperature": 0.0})
+    records = generate_completions(model, ctx.tokenizer, list(DEMO_PROMPTS), None, [0.0], greedy, ctx.config.seed)
+    write_completions(path, records)
+
+
+def _eval(
+    ctx: LoopContext, model: nn.Module, path: Path, steering: Steering | None = None, persona: str | None = None
+) -> None:
+    result = evaluate(model, ctx.tokenizer, ctx.pair.axis, ctx.config.eval, steering, persona, ctx.config.seed)
+    write_eval(result, path)
+
+
+def _kept_completions(round_dir: Path) -> list[Completion]:
+    summary = json.loads((round_dir / "collect_summary.json").read_text())
+    fields = Completion.__dataclass_fields__
+    return [
+        Completion(**{k: v for k, v in row.items() if k in fields})
+        for row in read_jsonl(round_dir / "completions.jsonl")
+        if row["kept"] and row["kappa"] == summary["kappa"]
+    ]
+
+
+def _collect(ctx: LoopContext, student: nn.Module, vector: SteeringVector, round_index: int, round_dir: Path):
+    try:
+        collection = collect_kept_completions(
+            student,
+            ctx.tokenizer,
+            vector,
+            ctx.pair,
+            task_prompts(),
+            ctx.config.steer.coeffs,
+            ctx.config.generate,
+            ctx.config.filter,
+            seed=ctx.config.seed + 1000 * round_index,
+            generated_only=ctx.config.steer.generated_only,
+        )
+    except StarvedDataError as err:
+        if err.collection is not None:  # keep the evidence; the stage stays undone
+            write_jsonl(round_dir / "completions_starved.jsonl", (r.as_dict() for r in err.collection.records))
+        raise
+    write_jsonl(round_dir / "completions.jsonl", (record.as_dict() for record in collection.records))
+    write_json(round_dir / "collect_summary.json", {**collection.summary(), "eval_coeff": _eval_coeff(collection.kept)})
+
+
+def _eval_coeff(kept: list[ScoredCompletion]) -> float:
+    """The steered eval uses the mean coefficient of the kept completions: the dose the student imitates."""
+    return sum(record.completion.coeff for record in kept) / len(kept)
+
+
+def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Module:
+    """One round; returns the student with this round's adapter baked in."""
+    config, folder = ctx.config, ctx.folder
+    round_dir = folder.round_dir(round_index)
+    round_dir.mkdir(exist_ok=True)
+    tag = round_dir.name
+    vector_path = round_dir / "vector.safetensors"
+
+    def extract() -> None:
+        contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
+        vector = extract_steering_vector(
+            student, ctx.tokenizer, ctx.pair, contexts, config.steer.band, config.steer.batch_size, ctx.model_name
+        )
+        vector.save(vector_path)
+
+    stage(folder, f"{tag}/vector", extract)
+    vector = SteeringVector.load(vector_path)
+    stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, vector, round_index, round_dir))
+    eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
+    stage(
+        folder,
+        f"{tag}/eval_steered",
+        lambda: _eval(ctx, student, round_dir / "eval_steered.json", Steering(vector, eval_coeff)),
+    )
+    healed: dict[str, nn.Module] = {}
+
+    def train() -> None:
+        result = heal(
+            student, ctx.tokenizer, _kept_completions(round_dir), config.heal, round_index, round_dir,
+            seed=config.seed + 1000 * round_index,
+        )  # fmt: skip
+        healed["model"] = result.model
+        write_json(
+            round_dir / "heal.json", {"adapter": result.adapter_name, "lam_eff": result.lam_eff, **result.val,
+                                      **{f"last_{k}": v for k, v in result.log[-1].items()}},
+        )  # fmt: skip
+
+    stage(folder, f"{tag}/heal", train)
+    student = healed.get("model", student)
+    stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, round_dir / "eval_healed.json"))
+    stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, round_dir / "demo.jsonl"))
+    return student
+
+
+def loop_coherence(config: Config, result: dict, base: dict) -> float:
+    """The coherence the floor applies to, in (0, 1]: MFV answer-token mass, or neutral-text fluency relative
+    to the base (exp(base NLL - NLL): 1 = as fluent as the base, 0.5 = NLL up by ln 2 nats per token)."""
+    if config.loop.coherence == "mfv":
+        return float(result["coherence"])
+    return math.exp(min(0.0, float(base["neutral_nll"]) - float(result["neutral_nll"])))
+
+
+def run_loop(config: Config, fresh: bool = False) -> Path:
+    folder = prepare_run_folder(config, fresh)
+    folder.event("run_start", rounds=config.loop.rounds)
+    if config.model.threads is not None:
+        torch.set_num_threads(config.model.threads)
+    base_model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    ctx = LoopContext(config, folder, tokenizer, persona_pair(config.persona), info.name)
+    stage(folder, "base/eval", lambda: _eval(ctx, base_model, folder.root / "eval_base.json"))
+    stage(folder, "prompt/eval", lambda: _eval(ctx, base_model, folder.root / "eval_prompt.json", None, ctx.pair.pos))
+    stage(folder, "base/demo", lambda: _demo(ctx, base_model, folder.root / "demo_base.jsonl"))
+    finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
+    student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished])
+    base_eval = json.loads((folder.root / "eval_base.json").read_text())
+    for round_index in range(config.loop.rounds):
+        student = run_round(ctx, student, round_index)
+        write_metrics(folder.root, config)
+        healed = json.loads((folder.round_dir(round_index) / "eval_healed.json").read_text())
+        coherence = loop_coherence(config, healed, base_eval)
+        if coherence < config.loop.coh_floor:
+            reason = f"healed coherence {coherence:.3f} < coh_floor {config.loop.coh_floor} after round {round_index}"
+            write_json(folder.root / "stopped.json", {"round": round_index, "reason": reason})
+            folder.event("early_stop", reason=reason)
+            logger.warning(reason)
+            break
+    write_metrics(folder.root, config)
+    write_report(folder.root, config, folder.stage_seconds())
+    folder.event("run_done")
+    return folder.root

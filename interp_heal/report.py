@@ -1,0 +1,289 @@
+"""A run folder's metrics table, trajectory plots and summary.md, rebuilt from the stage outputs.
+
+Everything here reads files the loop wrote (so it can be rerun on any run folder) and writes atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from loguru import logger
+from plotly.subplots import make_subplots
+
+from interp_heal.config import Config
+from interp_heal.io import atomic_write_text
+from interp_heal.mfv import FOUNDATIONS
+from interp_heal.steer import SteeringVector
+
+METRIC_FIELDS = (
+    "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
+    "neutral_kl_mean", "neutral_kl_rmse", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
+    "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
+    "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
+    "vector_cos_r0", "vector_norm",
+)  # fmt: skip
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]:
+    trait = result.get("trait", {})
+    row: dict[str, object] = {
+        "trait_log_odds": trait.get("log_odds"),
+        "trait_ci_low": (trait.get("ci95") or [None, None])[0],
+        "trait_ci_high": (trait.get("ci95") or [None, None])[1],
+        "neutral_nll": result.get("neutral_nll"),
+        "neutral_kl_mean": result.get("neutral_kl_mean"),
+        "neutral_kl_rmse": result.get("neutral_kl_rmse"),
+        "care_nats": result.get("care_nats"),
+        "auth_nats": result.get("auth_nats"),
+        "coherence": result.get("coherence"),
+        "nll_prefill": result.get("nll_prefill"),
+        "top1_acc": result.get("top1_acc"),
+        **{f"nats_{f}": result.get("nats", {}).get(f) for f in FOUNDATIONS},
+    }
+    if config.loop.coherence == "mfv":
+        row["loop_coherence"] = result.get("coherence")
+    elif result.get("neutral_nll") is not None and base.get("neutral_nll") is not None:
+        row["loop_coherence"] = math.exp(min(0.0, base["neutral_nll"] - result["neutral_nll"]))
+    return row
+
+
+def _band_cosine(first: SteeringVector, second: SteeringVector) -> float:
+    layers = list(first.layers)
+    a, b = first.directions[layers].flatten(), second.directions[layers].flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
+    base = _read(root / "eval_base.json")
+    rows: list[dict[str, object]] = []
+    if base:
+        rows.append({"stage": "base", "round": -1, **_eval_columns(base, base, config)})
+    prompt = _read(root / "eval_prompt.json")
+    if prompt:
+        rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base, config)})
+    vector_0 = root / "round_00" / "vector.safetensors"
+    for round_index in range(config.loop.rounds):
+        round_dir = root / f"round_{round_index:02d}"
+        collect, heal = _read(round_dir / "collect_summary.json"), _read(round_dir / "heal.json")
+        vector_info: dict[str, object] = {}
+        if (round_dir / "vector.safetensors").is_file():
+            vector = SteeringVector.load(round_dir / "vector.safetensors")
+            vector_info = {
+                "vector_cos_r0": _band_cosine(vector, SteeringVector.load(vector_0)),
+                "vector_norm": float(vector.directions[list(vector.layers)].norm()),
+            }
+        steered = _read(round_dir / "eval_steered.json")
+        if steered:
+            rows.append({
+                "stage": f"steered {round_index}", "round": round_index, **_eval_columns(steered, base, config),
+                "kept": collect.get("kept_at_dose"), "generated": collect.get("generated"),
+                "keep_rate": collect.get("keep_rate"), "kappa": collect.get("kappa"),
+                "eval_coeff": collect.get("eval_coeff"), **vector_info,
+            })  # fmt: skip
+        healed = _read(round_dir / "eval_healed.json")
+        if healed:
+            rows.append({
+                "stage": f"healed {round_index}", "round": round_index, **_eval_columns(healed, base, config),
+                "train_nll": heal.get("last_nll"), "train_kl_mean": heal.get("last_kl_mean"),
+                "train_kl_rmse": heal.get("last_kl_rmse"), "train_kl_p95": heal.get("last_kl_p95"),
+                "train_kl_max": heal.get("last_kl_max"), "val_nll": heal.get("val_nll"),
+                "lam_eff": heal.get("lam_eff"), **vector_info,
+            })  # fmt: skip
+    return rows
+
+
+def write_metrics(root: Path, config: Config) -> list[dict[str, object]]:
+    rows = metric_rows(root, config)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(root / "metrics.csv", buffer.getvalue())
+    return rows
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _value(row: dict, key: str) -> float:
+    value = row.get(key)
+    return float(value) if value not in (None, "") else math.nan
+
+
+def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figure:
+    """Trait per stage (prompt baseline as a line), log(1 - coherence) with the floor, care-vs-authority map."""
+    path = [r for r in rows if r["stage"] != "prompt-baseline"]
+    prompt = next((r for r in rows if r["stage"] == "prompt-baseline"), None)
+    labels = [str(r["stage"]) for r in path]
+    figure = make_subplots(
+        rows=1, cols=3, column_widths=[0.4, 0.3, 0.3],
+        subplot_titles=("trait log-odds (nats/token)", "log(1 - coherence)", "care vs authority (MFV nats)"),
+    )  # fmt: skip
+    trait = [_value(r, "trait_log_odds") for r in path]
+    error_plus = [_value(r, "trait_ci_high") - t for r, t in zip(path, trait, strict=True)]
+    error_minus = [t - _value(r, "trait_ci_low") for r, t in zip(path, trait, strict=True)]
+    colors = ["#d62728" if label.startswith("steered") else "#2ca02c" if label.startswith("healed") else "#444"
+              for label in labels]  # fmt: skip
+    figure.add_trace(
+        go.Scatter(x=labels, y=trait, mode="lines+markers", marker={"color": colors, "size": 9}, name="trait",
+                   error_y={"type": "data", "array": error_plus, "arrayminus": error_minus}),
+        row=1, col=1,
+    )  # fmt: skip
+    if prompt is not None:
+        figure.add_hline(y=_value(prompt, "trait_log_odds"), line_dash="dash", line_color="#1f77b4",
+                         annotation_text="prompting baseline", row=1, col=1)  # fmt: skip
+    coherence = [_value(r, "loop_coherence") for r in path]
+    figure.add_trace(
+        go.Scatter(x=labels, y=[math.log(max(1e-6, 1 - c)) if not math.isnan(c) else math.nan for c in coherence],
+                   mode="lines+markers", marker={"color": colors, "size": 9}, name="log(1 - coherence)"),
+        row=1, col=2,
+    )  # fmt: skip
+    figure.add_hline(y=math.log(1 - config.loop.coh_floor), line_dash="dot", line_color="black",
+                     annotation_text="floor", row=1, col=2)  # fmt: skip
+    figure.add_trace(
+        go.Scatter(x=[_value(r, "care_nats") for r in path], y=[_value(r, "auth_nats") for r in path],
+                   mode="lines+markers+text", text=labels, textposition="top center", name="path",
+                   marker={"color": colors, "size": 9}),
+        row=1, col=3,
+    )  # fmt: skip
+    if prompt is not None:
+        figure.add_trace(
+            go.Scatter(x=[_value(prompt, "care_nats")], y=[_value(prompt, "auth_nats")], mode="markers+text",
+                       text=["prompt"], marker={"symbol": "x", "size": 12, "color": "#1f77b4"}, name="prompt"),
+            row=1, col=3,
+        )  # fmt: skip
+    figure.update_xaxes(title_text="care_nats", row=1, col=3)
+    figure.update_yaxes(title_text="auth_nats", row=1, col=3)
+    figure.update_layout(width=1500, height=480, showlegend=False, title=f"{config.output.name}: steer, heal, repeat")
+    return figure
+
+
+def save_figure(figure: go.Figure, stem: Path) -> None:
+    """HTML always (self-contained); PNG when a kaleido-compatible browser is available."""
+    atomic_write_text(stem.with_suffix(".html"), figure.to_html(include_plotlyjs=True, full_html=True))
+    try:
+        png = figure.to_image(format="png")
+    except Exception as err:  # kaleido raises its own types when no Chrome/Chromium is installed
+        logger.warning(f"PNG not written for {stem.name} ({type(err).__name__}: {err}); the HTML has the figure")
+        return
+    stem.with_suffix(".png").write_bytes(png)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    return (
+        "-" if value in (None, "") or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.{digits}f}"
+    )
+
+
+def _stage_table(rows: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "| stage | trait log-odds [95% CI] | coherence | neutral NLL | KL rmse to base | care / auth nats |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        trait = f"{_fmt(row.get('trait_log_odds'))} [{_fmt(row.get('trait_ci_low'))}, {_fmt(row.get('trait_ci_high'))}]"
+        nats = f"{_fmt(row.get('care_nats'), 2)} / {_fmt(row.get('auth_nats'), 2)}"
+        lines.append(
+            f"| {row['stage']} | {trait} | {_fmt(row.get('loop_coherence'))} | {_fmt(row.get('neutral_nll'))} "
+            f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {nats} |"
+        )
+    return lines
+
+
+def _filtering(root: Path, rounds: list[int]) -> list[str]:
+    lines = ["## Q0: can we filter?", ""]
+    for r in rounds:
+        summary = _read(root / f"round_{r:02d}" / "collect_summary.json")
+        if summary:
+            lines.append(
+                f"- round {r}: dose κ = {_fmt(summary['kappa'])} (passed: {summary['dose_passed']}), "
+                f"{summary['kept_at_dose']} kept at that dose; overall {summary['kept']}/{summary['generated']} "
+                f"kept, drop reasons {summary['drop_reasons']}"
+            )
+    return lines
+
+
+def _healing(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
+    lines = ["## Q1: does healing restore coherence? (healed vs steered, same round)", ""]
+    for r in rounds:
+        steered, healed = by_stage.get(f"steered {r}"), by_stage.get(f"healed {r}")
+        if steered and healed:
+            pairs = [("coherence", "loop_coherence", 3), ("neutral KL rmse", "neutral_kl_rmse", 4),
+                     ("trait", "trait_log_odds", 3)]  # fmt: skip
+            changes = ", ".join(
+                f"{label} {_fmt(steered.get(key), digits)} -> {_fmt(healed.get(key), digits)}"
+                for label, key, digits in pairs
+            )
+            lines.append(f"- round {r}: {changes}")
+    return lines
+
+
+def _trajectory(by_stage: dict[str, dict], rounds: list[int], config: Config) -> list[str]:
+    base, prompt = by_stage.get("base", {}), by_stage.get("prompt-baseline", {})
+    healed_rows = [by_stage[f"healed {r}"] for r in rounds if f"healed {r}" in by_stage]
+    coherences = [round(_value(r, "loop_coherence"), 3) for r in healed_rows]
+    traits = [_value(r, "trait_log_odds") for r in healed_rows]
+    steps = [round(b - a, 3) for a, b in zip([_value(base, "trait_log_odds"), *traits], traits, strict=False)]
+    lines = ["## Q2: does coherence hold over rounds?", ""]
+    lines.append(f"- healed coherence by round: {coherences} (floor {config.loop.coh_floor})")
+    lines += ["", "## Q3: does the trait keep moving in one direction, and does it beat the prompting baseline?", ""]
+    lines.append(
+        f"- healed trait by round: {[round(t, 3) for t in traits]} (base {_fmt(base.get('trait_log_odds'))}); "
+        f"change per round {steps}"
+    )
+    if prompt and traits:
+        best = max(traits)
+        verdict = "beats" if best > _value(prompt, "trait_ci_high") else "does not beat"
+        interval = f"[{_fmt(prompt.get('trait_ci_low'))}, {_fmt(prompt.get('trait_ci_high'))}]"
+        lines.append(
+            f"- best healed trait {best:.3f} {verdict} the prompting baseline {_fmt(prompt.get('trait_log_odds'))} "
+            f"{interval} (against the upper end of its CI; CIs are over scenarios within this run, not over seeds)"
+        )
+    return lines
+
+
+def _diary(root: Path, rounds: list[int]) -> list[str]:
+    lines = ['## Greedy answers to "Do you love humanity?"', ""]
+    sources = [("base", root / "demo_base.jsonl")]
+    sources += [(f"healed {r}", root / f"round_{r:02d}" / "demo.jsonl") for r in rounds]
+    for label, path in sources:
+        if path.is_file():
+            first = json.loads(path.read_text().splitlines()[0])
+            lines.append(f"- **{label}**: {' '.join(first['completion'].split())}")
+    return lines
+
+
+def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, seconds: dict[str, float]) -> str:
+    by_stage = {str(r["stage"]): r for r in rows}
+    rounds = sorted({int(r["round"]) for r in rows if int(r["round"]) >= 0})
+    lines = [f"# Run `{config.output.name}`: {config.model.spec}, {config.persona.axis} axis", ""]
+    stopped = _read(root / "stopped.json")
+    if stopped:
+        lines += [f"**Stopped early:** {stopped['reason']}.", ""]
+    for section in (_stage_table(rows), _filtering(root, rounds), _healing(by_stage, rounds)):
+        lines += [*section, ""]
+    for section in (_trajectory(by_stage, rounds, config), _diary(root, rounds)):
+        lines += [*section, ""]
+    lines += ["## Stage times (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {value:.1f} |" for name, value in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: Path, config: Config, seconds: dict[str, float]) -> None:
+    rows = metric_rows(root, config)
+    save_figure(trajectory_figure(rows, config), root / "trajectory")
+    atomic_write_text(root / "summary.md", summary_markdown(rows, root, config, seconds))

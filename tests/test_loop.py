@@ -1,0 +1,71 @@
+"""The loop end to end on the tiny model: artifacts, resume after a failure, config mismatch."""
+
+import pytest
+
+from interp_heal import loop as loop_module
+from interp_heal.config import load_config
+from interp_heal.errors import ConfigError
+from interp_heal.loop import run_loop
+
+ROUND_FILES = (
+    "vector.safetensors", "vector.json", "completions.jsonl", "collect_summary.json", "eval_steered.json",
+    "train_log.csv", "heal.json", "eval_healed.json", "demo.jsonl", "adapter/adapter_model.safetensors",
+)  # fmt: skip
+
+
+def _config(tmp_path, name="smoke", *extra):
+    return load_config("configs/smoke.yaml", [f"output.runs_dir={tmp_path}", f"output.name={name}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return run_loop(_config(root))
+
+
+def test_smoke_run_writes_every_artifact(finished_run):
+    for name in ("config.yaml", "events.jsonl", "state.json", "metrics.csv", "summary.md", "trajectory.html",
+                 "eval_base.json", "eval_prompt.json", "demo_base.jsonl"):  # fmt: skip
+        assert (finished_run / name).is_file(), name
+    for round_index in (0, 1):
+        for name in ROUND_FILES:
+            assert (finished_run / f"round_{round_index:02d}" / name).is_file(), (round_index, name)
+    metrics = (finished_run / "metrics.csv").read_text().splitlines()
+    stages = [line.split(",")[0] for line in metrics[1:]]
+    assert stages == ["base", "prompt-baseline", "steered 0", "healed 0", "steered 1", "healed 1"]
+    summary = (finished_run / "summary.md").read_text()
+    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?"):
+        assert heading in summary
+
+
+def test_resume_after_a_failure_recomputes_nothing_and_matches(finished_run, tmp_path, monkeypatch):
+    real_heal = loop_module.heal
+    calls = {"heal": 0}
+
+    def heal_then_fail_in_round_1(*args, **kwargs):
+        calls["heal"] += 1
+        if args[4] == 1:  # round_index
+            raise RuntimeError("injected failure in round 1 heal")
+        return real_heal(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "heal", heal_then_fail_in_round_1)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_loop(_config(tmp_path))
+    assert calls["heal"] == 2
+    state_before = (tmp_path / "smoke" / "state.json").read_text()
+    assert "round_01/eval_steered" in state_before and "round_01/heal" not in state_before
+
+    def counting_heal(*args, **kwargs):
+        calls["heal"] += 1
+        return real_heal(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "heal", counting_heal)
+    root = run_loop(_config(tmp_path))
+    assert calls["heal"] == 3, "only round 1's heal may run again"
+    assert (root / "metrics.csv").read_text() == (finished_run / "metrics.csv").read_text()
+
+
+def test_mismatched_config_is_refused(finished_run, tmp_path):
+    run_root = finished_run.parent
+    with pytest.raises(ConfigError, match=r"different config \(first difference: 'lam: 0\.3' -> 'lam: 0\.9'\)"):
+        run_loop(_config(run_root, "smoke", "heal.lam=0.9"))
