@@ -13,12 +13,15 @@ from pathlib import Path
 import typer
 from loguru import logger
 
+from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
 from analyses.filter_calibration import run_filter_calibration
+from analyses.project_adapters import format_projection, run_project_adapters
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
 from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
 from interp_heal.loop import run_loop
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
+from interp_heal.steer import SteeringVector
 
 app = typer.Typer(
     add_completion=False,
@@ -178,6 +181,34 @@ def run(
     root = run_loop(_resolve(config, overrides), fresh=fresh)
     typer.echo(f"run folder: {root}")
     typer.echo((root / "summary.md").read_text())
+
+
+@app.command("diag-axis")
+def diag_axis(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: diag_axis.json and diag_axis.html/.png."),
+    run_dir: Path | None = typer.Option(None, "--run", help="Read base/steered/prompt evals from a loop run."),
+    config: Path | None = ConfigOption,
+    coeff: float = typer.Option(1.0, "--coeff", help="Steering coefficient when computing (no --run)."),
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Which MFV foundation does the vector move? Base vs steered vs prompting baseline, sorted by |delta|."""
+    if run_dir is not None:
+        evaluations = evaluations_from_run(run_dir)
+    else:
+        evaluations = evaluations_from_config(_resolve(config, overrides), coeff)
+    typer.echo(format_table(run_diag_axis(evaluations, out)))
+
+
+@app.command("project-adapters")
+def project_adapters_command(
+    run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/analysis)."),
+    n_prompts: int = typer.Option(32, help="Held-out context prompts for the activation deltas."),
+) -> None:
+    """Project each round's adapter onto the steering vector, in activation and weight space."""
+    projection = run_project_adapters(run_dir, out, n_prompts)
+    band = list(SteeringVector.load(run_dir / "round_00" / "vector.safetensors").layers)
+    typer.echo(format_projection(projection, band))
 
 
 @app.command("calibrate-filter")

@@ -16,6 +16,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from loguru import logger
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.config import FilterConfig, GenerateConfig
 from interp_heal.errors import InterpHealError
 from interp_heal.generate import Completion, generate_completions
+from interp_heal.io import read_jsonl
 from interp_heal.personas import PersonaPair, render_prompts
 from interp_heal.sequences import base_model, continuation_logprobs, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_logits
@@ -418,6 +420,13 @@ def collect_kept_completions(
     collection = Collection([r for rows in batches.values() for r in rows], dose, coeffs)
     check_not_starved(collection, filter_config.min_train)
     return collection
+
+
+def read_kept_completions(completions_path: Path, kappa: float) -> list[Completion]:
+    """The training set of a written collection: the kept completions generated at dose `kappa`."""
+    return [
+        Completion.from_record(row) for row in read_jsonl(completions_path) if row["kept"] and row["kappa"] == kappa
+    ]
 
 
 def check_not_starved(collection: Collection, min_train: int) -> None:

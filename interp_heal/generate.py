@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ class Completion:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Completion:
+        """From a JSONL record that may carry extra fields (scores, reasons, ...)."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
 
 
 def sampling_kwargs(config: GenerateConfig) -> dict[str, object]:

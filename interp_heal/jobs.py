@@ -15,10 +15,10 @@ from interp_heal.bake import bake
 from interp_heal.config import Config, PersonaConfig, save_config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import evaluate, write_eval
-from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions
+from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, heal
-from interp_heal.io import read_jsonl, write_json, write_jsonl
+from interp_heal.io import write_json, write_jsonl
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
@@ -74,13 +74,7 @@ def kept_completions(collect_dir: Path) -> list[Completion]:
     summary_path, rows_path = collect_dir / "summary.json", collect_dir / "completions.jsonl"
     if not summary_path.is_file() or not rows_path.is_file():
         raise DataError(f"{collect_dir} is not a collect folder (needs summary.json and completions.jsonl)")
-    kappa = json.loads(summary_path.read_text())["kappa"]
-    fields = Completion.__dataclass_fields__
-    return [
-        Completion(**{k: v for k, v in row.items() if k in fields})
-        for row in read_jsonl(rows_path)
-        if row["kept"] and row["kappa"] == kappa
-    ]
+    return read_kept_completions(rows_path, json.loads(summary_path.read_text())["kappa"])
 
 
 def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0) -> HealResult:

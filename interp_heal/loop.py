@@ -30,10 +30,10 @@ from interp_heal.bake import bake
 from interp_heal.config import Config, config_to_yaml, save_config
 from interp_heal.errors import ConfigError
 from interp_heal.evaluate import evaluate, write_eval
-from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions
+from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
-from interp_heal.io import read_jsonl, write_json, write_jsonl
+from interp_heal.io import write_json, write_jsonl
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
@@ -142,13 +142,8 @@ def _eval(
 
 
 def _kept_completions(round_dir: Path) -> list[Completion]:
-    summary = json.loads((round_dir / "collect_summary.json").read_text())
-    fields = Completion.__dataclass_fields__
-    return [
-        Completion(**{k: v for k, v in row.items() if k in fields})
-        for row in read_jsonl(round_dir / "completions.jsonl")
-        if row["kept"] and row["kappa"] == summary["kappa"]
-    ]
+    kappa = json.loads((round_dir / "collect_summary.json").read_text())["kappa"]
+    return read_kept_completions(round_dir / "completions.jsonl", kappa)
 
 
 def _collect(ctx: LoopContext, student: nn.Module, vector: SteeringVector, round_index: int, round_dir: Path):

@@ -61,6 +61,8 @@ def test_collect_on_random_model_refuses_to_train_but_keeps_evidence(tmp_path):
             "-o",
             str(tmp_path),
             "--set",
+            "filter.max_tail_ppl=30",
+            "--set",
             "filter.bisect_steps=0",
             "--set",
             "filter.max_batches=1",
@@ -149,7 +151,17 @@ def test_eval_without_data_names_both_ways_to_provide_it(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "INTERP_HEAL_MFV_DATA"}
     result = subprocess.run(
-        [sys.executable, "cli.py", "eval", "-c", "configs/smoke.yaml", "--out", str(tmp_path / "e.json")],
+        [
+            sys.executable,
+            "cli.py",
+            "eval",
+            "-c",
+            "configs/smoke.yaml",
+            "--set",
+            "eval.mfv_data=null",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -157,20 +157,7 @@ def test_collect_on_tiny_model_raises_when_starved(tiny_model, tokenizer):
 
 
 def test_collect_stops_at_n_keep(tiny_model, tokenizer):
-    lenient = FilterConfig(
-        max_tail_ppl=1e9,
-        max_token_nll=1e9,
-        max_repetition=1.0,
-        min_compression=0.0,
-        min_distinct_tokens=0.0,
-        min_tokens=1,
-        refusal_phrases=[],
-        narration_phrases={},
-        max_persona_overlap=1.0,
-        n_keep=6,
-        min_train=2,
-        max_batches=5,
-    )
+    lenient = _lenient().model_copy(update={"n_keep": 6, "min_train": 2, "max_batches": 5})
     collection = collect_kept_completions(
         tiny_model,
         tokenizer,
