@@ -156,6 +156,9 @@ class HealConfig(Section):
     agg: Literal["mean", "rmse", "p95", "max"] = "rmse"
     ref: Literal["base", "prev"] = "base"
     lam_round_pow: float = Field(0.0, description="lambda_eff = lam * (1 + round) ** lam_round_pow.")
+    ref_cache_mb: int = Field(
+        2048, ge=0, description="Memory for reference log-probs reused across epochs (0 = recompute every step)."
+    )
 
     _band_ok = field_validator("band")(_check_band)
 
