@@ -132,15 +132,9 @@ def project_adapters(run: Path, n_prompts: int = 32) -> Projection:
             "vs_base_on_v_0": activation_projection(delta_base, vectors[0], layers),
             "delta_norm": [float(delta_prev[layer].norm()) for layer in layers],
             "weights": weight_projection(student, adapter_name(r), vectors[r]),
-            "vector_cos_r0": _band_cos(vectors[r], vectors[0]),
+            "vector_cos_r0": vectors[0].band_cosine(vectors[r]),
         })  # fmt: skip
     return Projection(results, layers, 1 / math.sqrt(info.d_model))
-
-
-def _band_cos(vector: SteeringVector, reference: SteeringVector) -> float:
-    band = list(reference.layers)
-    return float(torch.nn.functional.cosine_similarity(
-        vector.directions[band].flatten(), reference.directions[band].flatten(), dim=0))  # fmt: skip
 
 
 def projection_figure(projection: Projection) -> go.Figure:

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import plotly.graph_objects as go
-import torch
 from loguru import logger
 from plotly.subplots import make_subplots
 
@@ -57,12 +56,6 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
     return row
 
 
-def _band_cosine(first: SteeringVector, second: SteeringVector) -> float:
-    layers = list(first.layers)
-    a, b = first.directions[layers].flatten(), second.directions[layers].flatten()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-
-
 def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
     base = _read(root / "eval_base.json")
     rows: list[dict[str, object]] = []
@@ -79,7 +72,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
         if (round_dir / "vector.safetensors").is_file():
             vector = SteeringVector.load(round_dir / "vector.safetensors")
             vector_info = {
-                "vector_cos_r0": _band_cosine(vector, SteeringVector.load(vector_0)),
+                "vector_cos_r0": vector.band_cosine(SteeringVector.load(vector_0)),
                 "vector_norm": float(vector.directions[list(vector.layers)].norm()),
             }
         steered = _read(round_dir / "eval_steered.json")

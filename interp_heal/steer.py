@@ -53,6 +53,15 @@ class SteeringVector:
             raise ValueError("can only add steering vectors of the same shape and layer band")
         return _replace_directions(self, self.directions + other.directions)
 
+    def band_cosine(self, other: SteeringVector) -> float:
+        """Cosine between the two vectors over this vector's band (layers concatenated)."""
+        band = list(self.layers)
+        return float(
+            torch.nn.functional.cosine_similarity(
+                self.directions[band].flatten(), other.directions[band].flatten(), dim=0
+            )
+        )
+
     def injection(self, coeff: float) -> dict[int, torch.Tensor]:
         """What gets added to each band layer's output: {layer: coeff * v[layer]}, in layer order."""
         return {layer: coeff * self.directions[layer] for layer in self.layers}

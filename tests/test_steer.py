@@ -155,3 +155,10 @@ def test_corrupt_vector_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="cannot read steering vector"):
         SteeringVector.load(path)
+
+
+def test_band_cosine():
+    vector = _random_vector()
+    assert vector.band_cosine(vector) == pytest.approx(1.0)
+    assert vector.band_cosine(vector.scaled(-2.0)) == pytest.approx(-1.0)
+    assert abs(vector.band_cosine(_random_vector(seed=1))) < 0.5
