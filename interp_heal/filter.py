@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.config import FilterConfig, GenerateConfig
 from interp_heal.errors import InterpHealError
 from interp_heal.generate import Completion, generate_completions
-from interp_heal.io import read_jsonl
+from interp_heal.io import read_jsonl, write_json, write_jsonl
 from interp_heal.personas import PersonaPair, render_prompts
 from interp_heal.sequences import base_model, continuation_logprobs, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_logits
@@ -324,6 +324,12 @@ class Collection:
     def kept(self) -> list[ScoredCompletion]:
         """Training data: the kept completions generated at the chosen dose."""
         return [record for record in self.at_dose if record.kept]
+
+    def write(self, completions_path: Path, summary_path: Path | None = None, **summary_extra: object) -> None:
+        """Every scored completion as JSONL and (optionally) the summary as JSON, both atomically."""
+        write_jsonl(completions_path, (record.as_dict() for record in self.records))
+        if summary_path is not None:
+            write_json(summary_path, {**self.summary(), **summary_extra})
 
     def summary(self) -> dict[str, object]:
         return {

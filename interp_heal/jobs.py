@@ -18,7 +18,6 @@ from interp_heal.evaluate import evaluate, write_eval
 from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, heal
-from interp_heal.io import write_json, write_jsonl
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
@@ -141,9 +140,7 @@ def run_collect(config: Config, out: Path) -> Collection:
         )
     except StarvedDataError as err:
         if err.collection is not None:
-            write_jsonl(out / "completions.jsonl", (record.as_dict() for record in err.collection.records))
-            write_json(out / "summary.json", err.collection.summary())
+            err.collection.write(out / "completions.jsonl", out / "summary.json")
         raise
-    write_jsonl(out / "completions.jsonl", (record.as_dict() for record in collection.records))
-    write_json(out / "summary.json", collection.summary())
+    collection.write(out / "completions.jsonl", out / "summary.json")
     return collection

@@ -33,7 +33,7 @@ from interp_heal.evaluate import evaluate, write_eval
 from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
-from interp_heal.io import write_json, write_jsonl
+from interp_heal.io import write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
@@ -162,10 +162,11 @@ def _collect(ctx: LoopContext, student: nn.Module, vector: SteeringVector, round
         )
     except StarvedDataError as err:
         if err.collection is not None:  # keep the evidence; the stage stays undone
-            write_jsonl(round_dir / "completions_starved.jsonl", (r.as_dict() for r in err.collection.records))
+            err.collection.write(round_dir / "completions_starved.jsonl")
         raise
-    write_jsonl(round_dir / "completions.jsonl", (record.as_dict() for record in collection.records))
-    write_json(round_dir / "collect_summary.json", {**collection.summary(), "eval_coeff": _eval_coeff(collection.kept)})
+    collection.write(
+        round_dir / "completions.jsonl", round_dir / "collect_summary.json", eval_coeff=_eval_coeff(collection.kept)
+    )
 
 
 def _eval_coeff(kept: list[ScoredCompletion]) -> float:
