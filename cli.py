@@ -22,6 +22,7 @@ from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
 from interp_heal.loop import run_loop
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
 from interp_heal.steer import SteeringVector
+from interp_heal.sweep import run_sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -181,6 +182,16 @@ def run(
     root = run_loop(_resolve(config, overrides), fresh=fresh)
     typer.echo(f"run folder: {root}")
     typer.echo((root / "summary.md").read_text())
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="Sweep file (see configs/experiments.yaml)."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run just these named runs (repeatable)."),
+) -> None:
+    """Matched loop runs from one sweep file, advanced round by round; rerun to resume."""
+    for name, root in run_sweep(config, only).items():
+        typer.echo(f"{name}: {root}")
 
 
 @app.command("diag-axis")

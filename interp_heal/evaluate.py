@@ -154,7 +154,7 @@ def neutral_coherence(
     steering: Steering | None = None,
     persona: str | None = None,
 ) -> dict[str, float]:
-    """NLL per token of fixed neutral answers, and mean / rmse KL(model || base) over their tokens."""
+    """NLL per token of fixed neutral answers, and mean / rmse / p95 / max KL(model || base) over their tokens."""
     prompts, answers = zip(*neutral_answers(), strict=True)
     logprobs, kls = reply_logprobs(
         model, tokenizer, list(prompts), list(answers), config.batch_size, steering, persona, with_base_kl=True
@@ -164,6 +164,8 @@ def neutral_coherence(
         "neutral_nll": float(-torch.cat(logprobs).mean()),
         "neutral_kl_mean": float(all_kl.mean()),
         "neutral_kl_rmse": float(all_kl.square().mean().sqrt()),
+        "neutral_kl_p95": float(torch.quantile(all_kl, 0.95)),
+        "neutral_kl_max": float(all_kl.max()),
     }
 
 

@@ -226,7 +226,9 @@ def loop_coherence(config: Config, result: dict, base: dict) -> float:
     return math.exp(min(0.0, float(base["neutral_nll"]) - float(result["neutral_nll"])))
 
 
-def run_loop(config: Config, fresh: bool = False) -> Path:
+def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None) -> Path:
+    """Run (or resume) the loop; `max_rounds` stops after that many rounds without changing the config, so a
+    sweep can advance matched runs side by side and a later call carries on to `loop.rounds`."""
     folder = prepare_run_folder(config, fresh)
     folder.event("run_start", rounds=config.loop.rounds)
     if config.model.threads is not None:
@@ -239,7 +241,7 @@ def run_loop(config: Config, fresh: bool = False) -> Path:
     finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
     student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished])
     base_eval = json.loads((folder.root / "eval_base.json").read_text())
-    for round_index in range(config.loop.rounds):
+    for round_index in range(min(config.loop.rounds, max_rounds or config.loop.rounds)):
         student = run_round(ctx, student, round_index)
         write_metrics(folder.root, config)
         healed = json.loads((folder.round_dir(round_index) / "eval_healed.json").read_text())

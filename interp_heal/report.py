@@ -22,7 +22,7 @@ from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
     "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
-    "neutral_kl_mean", "neutral_kl_rmse", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
+    "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
     "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
     "vector_cos_r0", "vector_norm",
@@ -42,6 +42,8 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
         "neutral_nll": result.get("neutral_nll"),
         "neutral_kl_mean": result.get("neutral_kl_mean"),
         "neutral_kl_rmse": result.get("neutral_kl_rmse"),
+        "neutral_kl_p95": result.get("neutral_kl_p95"),
+        "neutral_kl_max": result.get("neutral_kl_max"),
         "care_nats": result.get("care_nats"),
         "auth_nats": result.get("auth_nats"),
         "coherence": result.get("coherence"),

@@ -1,0 +1,65 @@
+"""Matched experiments: several loop runs that differ only in named overrides of one base preset.
+
+`python cli.py sweep -c configs/experiments.yaml` advances the runs breadth-first (round 0 of every run,
+then round 1 of every run, ...), so an interrupted sweep leaves every arm at the same depth, and rerunning
+the command resumes each run folder where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from loguru import logger
+from pydantic import Field, ValidationError
+
+from interp_heal.config import Config, Section, load_config
+from interp_heal.errors import ConfigError
+from interp_heal.loop import run_loop
+
+
+class SweepConfig(Section):
+    base: str = Field(description="Base preset, relative to the sweep file (e.g. demo.yaml).")
+    runs_dir: str = Field("runs/experiments", description="Each run's folder is <runs_dir>/<run name>.")
+    overrides: list[str] = Field(default_factory=list, description="Applied to every run (e.g. loop.rounds=6).")
+    runs: dict[str, list[str]] = Field(min_length=1, description="Run name -> its own overrides.")
+
+
+def load_sweep(path: Path) -> SweepConfig:
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        return SweepConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid sweep file {path}: {problems}") from None
+
+
+def sweep_configs(path: Path) -> dict[str, Config]:
+    """Every run's full config; all of them are validated before any run starts."""
+    sweep = load_sweep(path)
+    base_path = (path.parent / sweep.base).resolve()
+    configs: dict[str, Config] = {}
+    for name, run_overrides in sweep.runs.items():
+        overrides = [*sweep.overrides, *run_overrides, f"output.runs_dir={sweep.runs_dir}", f"output.name={name}"]
+        try:
+            configs[name] = load_config(base_path, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"sweep run {name!r}: {err}") from None
+    return configs
+
+
+def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
+    configs = sweep_configs(path)
+    unknown = sorted(set(only or []) - set(configs))
+    if unknown:
+        raise ConfigError(f"unknown sweep run(s) {unknown}; the sweep has {sorted(configs)}")
+    selected = {name: config for name, config in configs.items() if not only or name in only}
+    folders: dict[str, Path] = {}
+    for depth in range(1, max(config.loop.rounds for config in selected.values()) + 1):
+        for name, config in selected.items():
+            if depth <= config.loop.rounds:
+                logger.info(f"sweep: {name} up to round {depth - 1}")
+                folders[name] = run_loop(config, max_rounds=depth)
+    return folders
