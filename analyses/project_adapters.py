@@ -13,8 +13,6 @@ For a loop run folder, per round r:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +22,8 @@ from peft.tuners.lora import LoraLayer
 from plotly.subplots import make_subplots
 from torch import nn
 
-from interp_heal.bake import adapter_name, bake, muted_adapter
+from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
 from interp_heal.config import load_config
-from interp_heal.errors import DataError
 from interp_heal.io import write_json
 from interp_heal.models import decoder_layers, load_model
 from interp_heal.personas import context_prompts, render_prompts
@@ -36,32 +33,10 @@ from interp_heal.steer import SteeringVector, last_token_states
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
 
 
-def finished_rounds(run: Path) -> list[int]:
-    rounds = []
-    while (run / f"round_{len(rounds):02d}" / "adapter" / "adapter_config.json").is_file():
-        rounds.append(len(rounds))
-    if not rounds:
-        raise DataError(f"{run} has no finished round (no round_00/adapter)")
-    return rounds
-
-
 def held_out_contexts(n: int, used: int, seed: int) -> list[str]:
     """Context prompts the loop's extraction never saw (it samples `used` of the pool with `seed`)."""
     seen = set(context_prompts(used, seed=seed))
     return [prompt for prompt in context_prompts() if prompt not in seen][:n]
-
-
-@contextmanager
-def student_at(model: nn.Module, round_index: int | None, n_rounds: int) -> Iterator[nn.Module]:
-    """The stacked student as it was after `round_index` (None = the base): later adapters muted."""
-    with ExitStack() as stack:
-        if round_index is None:
-            stack.enter_context(model.disable_adapter())
-            yield model
-            return
-        for later in range(round_index + 1, n_rounds):
-            stack.enter_context(muted_adapter(model, adapter_name(later)))
-        yield model
 
 
 def _unit(vector: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ small next to the base forward at these ranks. Base weights on disk are never to
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from peft import PeftModel
@@ -65,6 +65,29 @@ def muted_adapter(model: nn.Module, name: str) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.set_scale(name, 1.0)
+
+
+def finished_rounds(run: Path) -> list[int]:
+    """Rounds 0..k of a loop run folder whose adapter was saved."""
+    rounds = []
+    while (run / f"round_{len(rounds):02d}" / "adapter" / "adapter_config.json").is_file():
+        rounds.append(len(rounds))
+    if not rounds:
+        raise DataError(f"{run} has no finished round (no round_00/adapter)")
+    return rounds
+
+
+@contextmanager
+def student_at(model: nn.Module, round_index: int | None, n_rounds: int) -> Iterator[nn.Module]:
+    """The stacked student as it was after `round_index` (None = the base): later adapters muted."""
+    with ExitStack() as stack:
+        if round_index is None:
+            stack.enter_context(model.disable_adapter())
+            yield model
+            return
+        for later in range(round_index + 1, n_rounds):
+            stack.enter_context(muted_adapter(model, adapter_name(later)))
+        yield model
 
 
 def adapter_names(model: nn.Module) -> list[str]:

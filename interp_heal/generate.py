@@ -72,34 +72,32 @@ def generate_completions(
     seed: int,
     generated_only: bool = False,
 ) -> list[Completion]:
-    """Sample every prompt at every coefficient, in batches sorted by prompt length (less padding).
+    """Sample every prompt at every coefficient. Rows are (prompt, coefficient) pairs sorted by prompt length
+    (less padding) and batched together, doses mixed within a batch (each row carries its own coefficient).
 
     Each batch is seeded with `seed + batch index`, so a rerun with the same inputs is identical.
     """
     device = next(model.parameters()).device
     templated = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(templated, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    rows = sorted(((i, c) for c in range(len(coeffs)) for i in range(len(prompts))), key=lambda row: lengths[row[0]])
     eos_ids = _eos_ids(tokenizer, model)
-    jobs = [
-        (coeff, order[start : start + config.batch_size])
-        for coeff in coeffs
-        for start in range(0, len(order), config.batch_size)
-    ]
+    batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
     keyed: list[tuple[int, int, Completion]] = []
-    for batch_index, (coeff, indices) in enumerate(tqdm(jobs, desc="generate", leave=False)):
+    for batch_index, batch in enumerate(tqdm(batches, desc="generate", leave=False)):
         batch_seed = seed + batch_index
         torch.manual_seed(batch_seed)
-        inputs = dict(tokenize_prompts(tokenizer, [templated[i] for i in indices], device))
+        inputs = dict(tokenize_prompts(tokenizer, [templated[i] for i, _ in batch], device))
+        row_coeffs = [coeffs[c] for _, c in batch]
         sequences = steered_generate(
-            model, tokenizer, inputs, vector, coeff, generated_only=generated_only, **sampling_kwargs(config)
+            model, tokenizer, inputs, vector, row_coeffs, generated_only=generated_only, **sampling_kwargs(config)
         )
         new_tokens = sequences[:, inputs["input_ids"].shape[1] :].tolist()
-        for index, new_ids in zip(indices, new_tokens, strict=True):
+        for (index, coeff_index), new_ids in zip(batch, new_tokens, strict=True):
             token_ids, finish_reason = split_completion(new_ids, eos_ids)
             text = tokenizer.decode(token_ids, skip_special_tokens=True)
-            record = Completion(prompts[index], text, coeff, token_ids, finish_reason, batch_seed)
-            keyed.append((coeffs.index(coeff), index, record))
+            record = Completion(prompts[index], text, coeffs[coeff_index], token_ids, finish_reason, batch_seed)
+            keyed.append((coeff_index, index, record))
     return [record for _, _, record in sorted(keyed, key=lambda item: item[:2])]
 
 

@@ -22,7 +22,8 @@ from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
     "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
-    "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
+    "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "care_nats", "auth_nats",
+    *[f"nats_{f}" for f in FOUNDATIONS],
     "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
     "vector_cos_r0", "vector_norm",

@@ -220,26 +220,53 @@ def steered_logits(
     return logits
 
 
-def steered_generate(
+def steered_states(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     inputs: dict[str, torch.Tensor],
     vector: SteeringVector | None,
     coeff: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `steered_logits`, plus every decoder block's output after any injection: [n_layers, B, T, d]."""
+    nn_model, layers = wrap(model, tokenizer)
+    injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
+    n_layers = len(decoder_layers(model))
+    with nn_model.trace(inputs):
+        states = nnsight.save([])
+        for layer in range(n_layers):
+            if layer in injection:
+                layers[layer].output[:] += injection[layer]
+            states.append(layers[layer].output.clone())
+        logits = nn_model.lm_head.output.save()
+    return logits, torch.stack(list(states))
+
+
+def steered_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: dict[str, torch.Tensor],
+    vector: SteeringVector | None,
+    coeff: float | list[float],
     generated_only: bool = False,
     **generate_kwargs: object,
 ) -> torch.Tensor:
     """`generate` with coeff * v added at the band layers: prompt and generated tokens, or generated only.
 
-    Returns the full sequences (prompt + new tokens), as `model.generate` does. With no vector or a zero
-    coefficient this is plain `generate` (no trace), so its output is exactly HF's.
+    `coeff` is one coefficient for the batch or one per row, so several doses share one batch. Returns the
+    full sequences (prompt + new tokens), as `model.generate` does. With no vector or only zero coefficients
+    this is plain `generate` (no trace), so its output is exactly HF's.
     """
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if vector is None or coeff == 0:
+    row_coeffs = coeff if isinstance(coeff, list) else [coeff]
+    if vector is None or not any(row_coeffs):
         with torch.inference_mode():
             return model.generate(**inputs, **generate_kwargs)
     nn_model, layers = wrap(model, tokenizer)
-    injection = _to_model(vector.injection(coeff), model)
+    if isinstance(coeff, list):
+        per_row = torch.tensor(coeff)[:, None, None]  # [B, 1, 1]: broadcasts over positions and features
+        injection = _to_model({layer: per_row * delta for layer, delta in vector.injection(1.0).items()}, model)
+    else:
+        injection = _to_model(vector.injection(coeff), model)
     # Step 0 runs the whole prompt; each later step is one generated token. Code after the step loop never
     # runs inside its invoke, so the result is read in a second, empty invoke.
     with warnings.catch_warnings():

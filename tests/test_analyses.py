@@ -1,26 +1,23 @@
 """The analyses on a finished smoke run of the tiny model."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from analyses.diag_axis import axis_table, evaluations_from_run
-from analyses.project_adapters import finished_rounds, held_out_contexts, project_adapters
+from analyses.diffs import diff_round, direction_shares, format_diffs, incoherence_basis, read_round, run_diffs
+from analyses.project_adapters import held_out_contexts, project_adapters
 from cli import app
+from interp_heal.bake import bake, finished_rounds
 from interp_heal.config import load_config
 from interp_heal.errors import DataError
-from interp_heal.loop import run_loop
+from interp_heal.models import load_model
 from interp_heal.personas import context_prompts
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analysis_runs")
-    config = load_config("configs/smoke.yaml", [f"output.runs_dir={root}", "output.name=analysis", "heal.lr=0.02"])
-    return run_loop(config)
 
 
 def test_diag_axis_reads_a_run(smoke_run, tmp_path):
@@ -64,3 +61,63 @@ def test_project_adapters_on_smoke_run(smoke_run, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "project_adapters.json").read_text())
     assert len(saved["rounds"]) == 2 and (tmp_path / "project_adapters.html").is_file()
+
+
+# ---------------------------------------------------------------- diffs
+
+
+def test_incoherence_basis_is_orthonormal_and_orthogonal_to_the_trait():
+    torch.manual_seed(0)
+    trait, deltas, mean_difference = torch.randn(16), torch.randn(40, 16), torch.randn(16)
+    basis = incoherence_basis(mean_difference, deltas, trait, n_components=3)
+    assert basis.shape == (4, 16)
+    assert torch.allclose(basis @ basis.T, torch.eye(4), atol=1e-5)
+    assert (basis @ (trait / trait.norm())).abs().max() < 1e-5
+
+
+def test_direction_shares_separate_kept_trait_from_removed_noise():
+    torch.manual_seed(0)
+    trait = torch.zeros(16)
+    trait[0] = 1.0
+    noise_direction = torch.zeros(16)
+    noise_direction[1] = 1.0
+    push = 2.0 * trait.expand(50, 16)
+    noise = torch.randn(50, 1) * 3.0 * noise_direction
+    steered = push + noise
+    healed = push + 0.1 * noise  # healing kept the trait push and removed 90% of the noise amplitude
+    basis = incoherence_basis(None, steered, trait, n_components=1)
+    shares = direction_shares(steered, healed, trait, basis)
+    assert shares["trait_retained"] == pytest.approx(1.0, abs=1e-5)
+    assert shares["incoherence_retained"] == pytest.approx(0.01, rel=1e-3)
+    assert shares["trait_share_healed"] > shares["trait_share_steered"]
+
+
+def test_diffs_on_smoke_run(smoke_run, tmp_path):
+    results = run_diffs(smoke_run, out=tmp_path, max_kept=8, max_dropped=4)
+    assert [r["round"] for r in results] == [0, 1]
+    first = results[0]
+    assert first["n_tokens"] == len(first["kl_steered_tokens"]) > 0
+    assert min(first["kl_steered_tokens"]) >= -1e-5 and first["kl_steered"]["rmse"] >= first["kl_steered"]["mean"]
+    assert first["kl_healed"]["max"] > 0, "a trained adapter must move the healed model off the base"
+    band = set(first["band_layers"])
+    for row in first["layers"]:
+        moved = row["delta_norm_steered"] > 0
+        # Steering adds at the band layers only, so layers before the band are untouched.
+        assert moved == (row["layer"] >= min(band)), row
+    assert (tmp_path / "diffs_round_00.json").is_file() and (tmp_path / "diffs_round_01.html").is_file()
+    assert "trait retained" in format_diffs(first)
+
+
+def test_diffs_with_zero_dose_see_no_steering(smoke_run, tokenizer):
+    config = load_config(smoke_run / "config.yaml")
+    model, _, _ = load_model(config.model.spec)
+    student = bake(model, [smoke_run / "round_00" / "adapter", smoke_run / "round_01" / "adapter"])
+    data = dataclasses.replace(read_round(smoke_run, 0, max_kept=4, max_dropped=0), eval_coeff=0.0)
+    result = diff_round(student, tokenizer, data, n_rounds=2, batch_size=4)
+    assert result["kl_steered"]["max"] < 1e-5
+    assert all(row["delta_norm_steered"] < 1e-4 for row in result["layers"])
+
+
+def test_diffs_on_an_unfinished_round_is_a_clear_error(smoke_run):
+    with pytest.raises(DataError, match=r"round\(s\) \[5\] not finished"):
+        run_diffs(smoke_run, rounds=[5])

@@ -73,6 +73,19 @@ def test_nnsight_generate_matches_hook_generate(tiny_model, tokenizer, generated
     assert not torch.equal(ours, plain), "the vector must actually change the generation"
 
 
+def test_per_row_coefficients_equal_one_batch_per_coefficient(tiny_model, tokenizer):
+    """Doses mixed in one batch must generate exactly what each dose generates in a batch of its own."""
+    inputs = _inputs(tokenizer, n=4)
+    vector = _random_vector(scale=0.5)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    row_coeffs = [0.0, 1.0, 2.0, -1.0]
+    mixed = steered_generate(tiny_model, tokenizer, inputs, vector, row_coeffs, **kwargs)
+    for row, coeff in enumerate(row_coeffs):
+        alone = steered_generate(tiny_model, tokenizer, inputs, vector, coeff, **kwargs)
+        assert torch.equal(mixed[row], alone[row]), f"row {row} (coeff {coeff})"
+    assert len({tuple(row.tolist()) for row in mixed}) > 1
+
+
 def test_steering_works_through_peft_wrapper(tiny_model, tokenizer):
     inputs = _inputs(tokenizer)
     vector = _random_vector()
