@@ -14,7 +14,10 @@ import typer
 from loguru import logger
 
 from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
+from analyses.diffs import format_diffs, run_diffs
 from analyses.filter_calibration import run_filter_calibration
+from analyses.html_report import write_html_report
+from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import format_projection, run_project_adapters
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
@@ -220,6 +223,42 @@ def project_adapters_command(
     projection = run_project_adapters(run_dir, out, n_prompts)
     band = list(SteeringVector.load(run_dir / "round_00" / "vector.safetensors").layers)
     typer.echo(format_projection(projection, band))
+
+
+@app.command()
+def diffs(
+    run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
+    rounds: list[int] | None = typer.Option(None, "--round", help="Round(s) to diff (default: every finished one)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/analysis)."),
+    max_kept: int = typer.Option(32, help="Kept completions compared (half fit the directions, half measure)."),
+) -> None:
+    """Per-token KL and hidden deltas of steered and healed vs base; trait vs incoherence directions."""
+    for result in run_diffs(run_dir, rounds, out, max_kept):
+        typer.echo(format_diffs(result))
+
+
+@app.command("logit-lens")
+def logit_lens(
+    run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/analysis)."),
+    top_k: int = typer.Option(10, help="Tokens listed per direction."),
+) -> None:
+    """Top promoted and suppressed tokens of each round's vector, per band layer (TransformerLens bridge)."""
+    result = run_logit_lens(run_dir, out, top_k)
+    for round_result in result["rounds"]:
+        for row in round_result["layers"]:
+            promoted = " ".join(repr(token) for token, _ in row["promoted"])
+            typer.echo(f"round {round_result['round']} L{row['layer']}: + {promoted}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/report)."),
+    static: bool = typer.Option(False, "--static", help="Figures as inlined PNGs (no JavaScript, small files)."),
+) -> None:
+    """Self-contained HTML: an index and one page per round (computes missing analyses first)."""
+    typer.echo(f"report: {write_html_report(run_dir, out, static)}")
 
 
 @app.command("calibrate-filter")

@@ -22,7 +22,6 @@ For round r of a loop run, on that round's own completions. Three model states:
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,10 +191,10 @@ def incoherence_basis(
 
 
 def direction_shares(delta_steered: torch.Tensor, delta_healed: torch.Tensor, trait: torch.Tensor,
-                     basis: torch.Tensor) -> dict[str, float]:  # fmt: skip
+                     basis: torch.Tensor) -> dict[str, float | None]:  # fmt: skip
     """How much of the steered and healed deltas [n, d] lies along the trait and in the incoherence basis."""
     v = _unit(trait)
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     for name, delta in (("steered", delta_steered), ("healed", delta_healed)):
         energy = float(delta.square().sum(-1).mean())
         along = delta @ v
@@ -204,13 +203,13 @@ def direction_shares(delta_steered: torch.Tensor, delta_healed: torch.Tensor, tr
         out[f"trait_share_{name}"] = float(along.square().mean()) / max(energy, 1e-12)
         out[f"incoherence_energy_{name}"] = incoherence
         out[f"incoherence_share_{name}"] = incoherence / max(energy, 1e-12)
-    out["trait_retained"] = out["trait_projection_healed"] / _nonzero(out["trait_projection_steered"])
-    out["incoherence_retained"] = out["incoherence_energy_healed"] / _nonzero(out["incoherence_energy_steered"])
+    # Where steering left the layer untouched (before the band in round 0) a ratio means nothing: None.
+    moved = float(delta_steered.square().sum(-1).mean()) > 1e-10
+    out["trait_retained"] = out["trait_projection_healed"] / out["trait_projection_steered"] if moved else None
+    out["incoherence_retained"] = (
+        out["incoherence_energy_healed"] / out["incoherence_energy_steered"] if moved else None
+    )
     return out
-
-
-def _nonzero(value: float) -> float:
-    return value if abs(value) > 1e-12 else math.copysign(1e-12, value)
 
 
 def kl_summary(kl: torch.Tensor) -> dict[str, float]:
@@ -324,11 +323,16 @@ def run_diffs(run: Path, rounds: list[int] | None = None, out: Path | None = Non
     return results
 
 
+def _mean(values: list[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else float("nan")
+
+
 def format_diffs(result: dict[str, object]) -> str:
     band = set(result["band_layers"])
     in_band = [row for row in result["layers"] if row["layer"] in band]
-    trait = sum(row["trait_retained"] for row in in_band) / len(in_band)
-    incoherence = sum(row["incoherence_retained"] for row in in_band) / len(in_band)
+    trait = _mean([row["trait_retained"] for row in in_band])
+    incoherence = _mean([row["incoherence_retained"] for row in in_band])
     steered, healed = result["kl_steered"], result["kl_healed"]
     return (
         f"round {result['round']}: KL to base steered mean/rmse/p95/max "

@@ -354,6 +354,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder block: a sibling of the layer list (llama `model.norm`, gpt2
+    `transformer.ln_f`, pythia `gpt_neox.final_layer_norm`)."""
+    parent_path = decoder_layer_path(model).rpartition(".")[0]
+    parent = _get_path(model, parent_path) if parent_path else model
+    for name in _FINAL_NORM_NAMES:
+        norm = getattr(parent, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise ModelSpecError(f"cannot find the final norm of {type(model).__name__} (tried {_FINAL_NORM_NAMES})")
+
+
 def band_to_layers(band: tuple[float, float], n_layers: int) -> list[int]:
     """Exact layer indices of a depth band: every layer l whose span [l/n, (l+1)/n) meets [lo, hi).
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,3 +40,20 @@ def hook_steering(model: nn.Module, injection: dict[int, torch.Tensor], generate
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding (what nnsight and HF generate use)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+                  "--v=0", "--virtual-time-budget=10000", "--window-size=1600,2000")  # fmt: skip
+
+
+def load_in_chromium(page: Path, screenshot: Path) -> tuple[list[str], str]:
+    """Load a page in headless Chromium: (JavaScript errors from its console, the rendered DOM); also writes a
+    screenshot. Errors are the console lines Chromium logs for uncaught exceptions and error objects."""
+    runs = [
+        subprocess.run(["chromium", *CHROMIUM_FLAGS, *extra, page.as_uri()], capture_output=True, text=True,
+                       timeout=300, check=True)
+        for extra in ([f"--screenshot={screenshot}"], ["--dump-dom"])
+    ]  # fmt: skip
+    console = [line for run in runs for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    errors = [line for line in console if "Uncaught" in line or "Error" in line]
+    return errors, runs[1].stdout

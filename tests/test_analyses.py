@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from analyses.diag_axis import axis_table, evaluations_from_run
 from analyses.diffs import diff_round, direction_shares, format_diffs, incoherence_basis, read_round, run_diffs
+from analyses.logit_lens import bridge_readout, hf_readout, run_logit_lens, vector_lens
 from analyses.project_adapters import held_out_contexts, project_adapters
 from cli import app
 from interp_heal.bake import bake, finished_rounds
@@ -16,6 +17,7 @@ from interp_heal.config import load_config
 from interp_heal.errors import DataError
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts
+from interp_heal.steer import SteeringVector
 
 runner = CliRunner()
 
@@ -121,3 +123,45 @@ def test_diffs_with_zero_dose_see_no_steering(smoke_run, tokenizer):
 def test_diffs_on_an_unfinished_round_is_a_clear_error(smoke_run):
     with pytest.raises(DataError, match=r"round\(s\) \[5\] not finished"):
         run_diffs(smoke_run, rounds=[5])
+
+
+# ---------------------------------------------------------------- logit lens
+
+
+def test_bridge_readout_equals_the_models_own_unembedding(tiny_model, tokenizer):
+    directions = torch.randn(3, 64)
+    bridge = bridge_readout(tiny_model, tokenizer)(directions)
+    own = hf_readout(tiny_model)(directions)
+    assert bridge.shape == (3, len(tokenizer)) and (bridge - own).abs().max() < 1e-4
+    assert torch.equal(hf_readout(tiny_model)(directions), own), "booting the bridge must not touch the model"
+
+
+def test_vector_lens_ranks_the_tokens_a_direction_writes(tiny_model, tokenizer):
+    """A direction equal to one token's unembedding row (post-norm weights are 1 at init) promotes that token."""
+    token = tokenizer.encode("hello", add_special_tokens=False)[0]
+    unembedding = tiny_model.get_output_embeddings().weight.detach()
+    directions = torch.zeros(4, 64)
+    directions[2] = unembedding[token]
+    directions[3] = -unembedding[token]
+    vector = SteeringVector(directions, torch.ones(4), (2, 3), (0.5, 1.0), "tiny-random", "test", 0)
+    rows = vector_lens(vector, hf_readout(tiny_model), tokenizer, [2, 3], top_k=3)
+    assert rows[0]["promoted"][0][0] == tokenizer.decode([token])
+    assert rows[1]["suppressed"][0][0] == tokenizer.decode([token])
+    assert rows[0]["promoted"][0][1] > 3, "one token should stand far out of the vocabulary"
+
+
+def test_logit_lens_on_smoke_run(smoke_run, tmp_path):
+    result = run_logit_lens(smoke_run, out=tmp_path, top_k=5)
+    assert result["readout"] == "transformer_lens"
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    assert all(len(layer["promoted"]) == 5 for r in result["rounds"] for layer in r["layers"])
+    assert (tmp_path / "logit_lens.json").is_file()
+
+
+def test_diffs_and_logit_lens_cli(smoke_run, tmp_path):
+    result = runner.invoke(app, ["diffs", "--run", str(smoke_run), "--round", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("round 1: KL to base") and not (tmp_path / "diffs_round_00.json").exists()
+    result = runner.invoke(app, ["logit-lens", "--run", str(smoke_run), "--out", str(tmp_path), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "round 0 L" in result.output
