@@ -187,6 +187,7 @@ class LoopConfig(Section):
 class OutputConfig(Section):
     runs_dir: str = "runs"
     name: str = "demo"
+    min_free_mb: float = Field(500, ge=0, description="Refuse to start a run with less free disk than this.")
 
 
 class Config(Section):

@@ -19,3 +19,7 @@ class PersonaError(InterpHealError):
 
 class DataError(InterpHealError):
     """Missing or malformed data files."""
+
+
+class RunLockedError(InterpHealError):
+    """Another process holds the run folder."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from interp_heal.errors import DataError
 
 
 @contextmanager
@@ -44,3 +48,28 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable(folder: Path, min_free_mb: float) -> None:
+    """Fail before any work starts if `folder` cannot be created and written, or its disk is nearly full."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"output folder {folder} is not writable: {err.strerror or err}") from None
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    if free_mb < min_free_mb:
+        raise DataError(
+            f"only {free_mb:.0f} MB free on the disk of {folder}; a run needs at least {min_free_mb:.0f} MB "
+            "(output.min_free_mb). Free some space or set output.runs_dir elsewhere"
+        )

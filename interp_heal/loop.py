@@ -13,11 +13,14 @@ different config refuses to resume unless told to start over (`fresh=True`).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +30,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from interp_heal.bake import bake
-from interp_heal.config import Config, config_to_yaml, save_config
-from interp_heal.errors import ConfigError
+from interp_heal.config import Config, config_to_yaml, load_config, save_config
+from interp_heal.errors import ConfigError, DataError, RunLockedError
 from interp_heal.evaluate import evaluate, write_eval
 from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
-from interp_heal.io import write_json
+from interp_heal.io import check_writable, sha256_file, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
@@ -65,11 +68,24 @@ class RunFolder:
     def done(self, stage: str) -> bool:
         return stage in self._state()
 
-    def mark_done(self, stage: str, seconds: float) -> None:
+    def mark_done(self, stage: str, seconds: float, artifacts: tuple[Path, ...] = ()) -> None:
+        """Record a finished stage with the sha256 of the files later stages will read back."""
         state = self._state()
-        state[stage] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        hashes = {str(path.relative_to(self.root)): sha256_file(path) for path in artifacts}
+        state[stage] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": hashes}
         write_json(self.root / "state.json", state)
         self.event("stage_done", stage=stage, seconds=round(seconds, 2))
+
+    def verify(self, stage: str) -> None:
+        """A finished stage's files must be the ones it wrote: a corrupt or edited file is an error, not input."""
+        for relative, expected in self._state()[stage].get("sha256", {}).items():
+            path = self.root / relative
+            if not path.is_file() or sha256_file(path) != expected:
+                problem = "is missing" if not path.is_file() else "does not match the sha256 recorded at write time"
+                raise DataError(
+                    f"{path} {problem} (stage {stage}): the run folder is damaged. Delete that round's folder and "
+                    f"its entries in {self.root / 'state.json'} to redo it, or rerun with --fresh"
+                )
 
     def stage_seconds(self) -> dict[str, float]:
         return {stage: info["seconds"] for stage, info in self._state().items()}
@@ -79,16 +95,51 @@ class RunFolder:
         with (self.root / "events.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder for the whole run: a second process refuses to start.
+
+        An OS file lock (flock), so a killed process releases it; the holder's pid is written for the message.
+        """
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        # Beside the folder, not in it: `--fresh` deletes the folder, and must do so under the lock.
+        with (self.root.parent / f".{self.root.name}.lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLockedError(
+                    f"run folder {self.root} is in use by {holder}; wait for it to finish or use another output.name"
+                ) from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
-    """Create (or reopen) runs/<name>/; refuse to resume a folder made with a different config."""
+    """Create (or reopen) runs/<name>/; refuse to resume a folder made with a different config.
+
+    Configs are compared as values (the saved YAML read back with today's defaults, `output` excluded), so
+    adding a config field with a default does not orphan existing runs.
+    """
     root = Path(config.output.runs_dir) / config.output.name
     saved = root / "config.yaml"
-    if saved.is_file() and not fresh and saved.read_text() != config_to_yaml(config):
-        raise ConfigError(
-            f"run folder {root} was made with a different config ({_first_difference(saved.read_text(), config)}); "
-            "rerun with --fresh to start over, or set output.name to use another folder"
-        )
+    if saved.is_file() and not fresh:
+        try:
+            saved_config = load_config(saved)
+        except ConfigError as err:
+            raise ConfigError(f"run folder {root} has a config this version cannot read ({err}); use --fresh") from None
+        # Where the folder lives is not part of what the run is: a moved or copied run folder resumes.
+        if saved_config.model_copy(update={"output": config.output}) != config:
+            raise ConfigError(
+                f"run folder {root} was made with a different config ({_first_difference(saved_config, config)}); "
+                "rerun with --fresh to start over, or set output.name to use another folder"
+            )
     if fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -96,23 +147,25 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
     return RunFolder(root)
 
 
-def _first_difference(saved_yaml: str, config: Config) -> str:
-    for old, new in zip(saved_yaml.splitlines(), config_to_yaml(config).splitlines(), strict=False):
+def _first_difference(saved: Config, config: Config) -> str:
+    for old, new in zip(config_to_yaml(saved).splitlines(), config_to_yaml(config).splitlines(), strict=False):
         if old != new:
             return f"first difference: {old.strip()!r} -> {new.strip()!r}"
     return "different length"
 
 
-def stage(folder: RunFolder, name: str, work: Callable[[], object]) -> bool:
-    """Run `work` unless `name` is done; returns True when it ran now."""
+def stage(folder: RunFolder, name: str, work: Callable[[], object], artifacts: tuple[Path, ...] = ()) -> bool:
+    """Run `work` unless `name` is done; returns True when it ran now. `artifacts` are the files it writes that
+    later stages read: hashed when it finishes, checked whenever it is skipped."""
     if folder.done(name):
+        folder.verify(name)
         logger.info(f"[{name}] done earlier; skipped")
         return False
     logger.info(f"[{name}] ...")
     started = time.perf_counter()
     folder.event("stage_start", stage=name)
     work()
-    folder.mark_done(name, time.perf_counter() - started)
+    folder.mark_done(name, time.perf_counter() - started, artifacts)
     return True
 
 
@@ -189,9 +242,10 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
         )
         vector.save(vector_path)
 
-    stage(folder, f"{tag}/vector", extract)
+    stage(folder, f"{tag}/vector", extract, (vector_path,))
     vector = SteeringVector.load(vector_path)
-    stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, vector, round_index, round_dir))
+    collected = (round_dir / "completions.jsonl", round_dir / "collect_summary.json")
+    stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, vector, round_index, round_dir), collected)
     eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
     stage(
         folder,
@@ -211,11 +265,17 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
                                       **{f"last_{k}": v for k, v in result.log[-1].items()}},
         )  # fmt: skip
 
-    stage(folder, f"{tag}/heal", train)
+    stage(folder, f"{tag}/heal", train, _adapter_files(round_dir))
     student = healed.get("model", student)
-    stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, round_dir / "eval_healed.json"))
+    healed_eval = round_dir / "eval_healed.json"
+    stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, healed_eval), (healed_eval,))
     stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, round_dir / "demo.jsonl"))
     return student
+
+
+def _adapter_files(round_dir: Path) -> tuple[Path, ...]:
+    """The files of a saved adapter (listed lazily: they exist only once the heal has run)."""
+    return tuple(sorted((round_dir / "adapter").glob("adapter_*")))
 
 
 def loop_coherence(config: Config, result: dict, base: dict) -> float:
@@ -229,18 +289,29 @@ def loop_coherence(config: Config, result: dict, base: dict) -> float:
 def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None) -> Path:
     """Run (or resume) the loop; `max_rounds` stops after that many rounds without changing the config, so a
     sweep can advance matched runs side by side and a later call carries on to `loop.rounds`."""
-    folder = prepare_run_folder(config, fresh)
+    root = Path(config.output.runs_dir) / config.output.name
+    check_writable(root.parent, config.output.min_free_mb)
+    with RunFolder(root).locked():
+        folder = prepare_run_folder(config, fresh)
+        _run_rounds(config, folder, max_rounds)
+    return root
+
+
+def _run_rounds(config: Config, folder: RunFolder, max_rounds: int | None) -> None:
     folder.event("run_start", rounds=config.loop.rounds)
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
     base_model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
     ctx = LoopContext(config, folder, tokenizer, persona_pair(config.persona), info.name)
-    stage(folder, "base/eval", lambda: _eval(ctx, base_model, folder.root / "eval_base.json"))
+    base_eval_path = folder.root / "eval_base.json"
+    stage(folder, "base/eval", lambda: _eval(ctx, base_model, base_eval_path), (base_eval_path,))
     stage(folder, "prompt/eval", lambda: _eval(ctx, base_model, folder.root / "eval_prompt.json", None, ctx.pair.pos))
     stage(folder, "base/demo", lambda: _demo(ctx, base_model, folder.root / "demo_base.jsonl"))
     finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
+    for r in finished:  # checked before baking: a damaged adapter must not become the student
+        folder.verify(f"round_{r:02d}/heal")
     student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished])
-    base_eval = json.loads((folder.root / "eval_base.json").read_text())
+    base_eval = json.loads(base_eval_path.read_text())
     for round_index in range(min(config.loop.rounds, max_rounds or config.loop.rounds)):
         student = run_round(ctx, student, round_index)
         write_metrics(folder.root, config)
@@ -255,4 +326,3 @@ def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None)
     write_metrics(folder.root, config)
     write_report(folder.root, config, folder.stage_seconds())
     folder.event("run_done")
-    return folder.root

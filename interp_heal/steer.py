@@ -152,6 +152,18 @@ def add_steering(layers: Any, injection: dict[int, torch.Tensor]) -> None:
         layers[layer].output[:] += injection[layer]
 
 
+def check_fits(vector: SteeringVector, model: nn.Module) -> None:
+    """A vector read from another model (other depth or width, or band layers past the end) is a user error."""
+    n_layers = len(decoder_layers(model))
+    d_model = unwrap_peft(model)[0].get_input_embeddings().embedding_dim
+    shape = tuple(vector.directions.shape)
+    if shape != (n_layers, d_model) or any(not 0 <= layer < n_layers for layer in vector.layers):
+        raise DataError(
+            f"steering vector from {vector.model or 'an unknown model'} ({shape[0]} layers x d={shape[1]}, band "
+            f"layers {list(vector.layers)}) does not fit this model ({n_layers} layers x d={d_model})"
+        )
+
+
 def _to_model(injection: dict[int, torch.Tensor], model: nn.Module) -> dict[int, torch.Tensor]:
     param = next(model.parameters())
     return {layer: delta.to(device=param.device, dtype=param.dtype) for layer, delta in injection.items()}
@@ -213,6 +225,8 @@ def steered_logits(
 ) -> torch.Tensor:
     """Logits of one forward with coeff * v added to every band layer's output at every position."""
     nn_model, layers = wrap(model, tokenizer)
+    if vector is not None:
+        check_fits(vector, model)
     injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
     with nn_model.trace(inputs):
         add_steering(layers, injection)
@@ -229,6 +243,8 @@ def steered_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `steered_logits`, plus every decoder block's output after any injection: [n_layers, B, T, d]."""
     nn_model, layers = wrap(model, tokenizer)
+    if vector is not None:
+        check_fits(vector, model)
     injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
     n_layers = len(decoder_layers(model))
     with nn_model.trace(inputs):
@@ -261,6 +277,7 @@ def steered_generate(
     if vector is None or not any(row_coeffs):
         with torch.inference_mode():
             return model.generate(**inputs, **generate_kwargs)
+    check_fits(vector, model)
     nn_model, layers = wrap(model, tokenizer)
     if isinstance(coeff, list):
         per_row = torch.tensor(coeff)[:, None, None]  # [B, 1, 1]: broadcasts over positions and features
