@@ -199,6 +199,15 @@ def evaluate(
     return result
 
 
+def check_eval_inputs(config: EvalConfig) -> None:
+    """Read every data file `evaluate` will need, so a missing folder or a malformed row fails before a run
+    starts rather than an hour into it."""
+    if config.mfv:
+        data_dir = resolve_data_dir(config.mfv_data)
+        load_protocol(data_dir, config.protocol)
+        load_vignettes(data_dir, config.set_name, config.condition)
+
+
 def write_eval(result: dict[str, object], path: Path) -> None:
     """OUT.json without the per-row records, and OUT.rows.jsonl beside it."""
     per_row = result.get("per_row") or []

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.bake import bake
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
 from interp_heal.errors import ConfigError, DataError, RunLockedError
-from interp_heal.evaluate import evaluate, write_eval
+from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
 from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
@@ -69,9 +69,10 @@ class RunFolder:
         return stage in self._state()
 
     def mark_done(self, stage: str, seconds: float, artifacts: tuple[Path, ...] = ()) -> None:
-        """Record a finished stage with the sha256 of the files later stages will read back."""
+        """Record a finished stage with the sha256 of the files (folders: every file inside) later stages read."""
         state = self._state()
-        hashes = {str(path.relative_to(self.root)): sha256_file(path) for path in artifacts}
+        files = [file for path in artifacts for file in (sorted(path.rglob("*")) if path.is_dir() else [path])]
+        hashes = {str(file.relative_to(self.root)): sha256_file(file) for file in files if file.is_file()}
         state[stage] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "sha256": hashes}
         write_json(self.root / "state.json", state)
         self.event("stage_done", stage=stage, seconds=round(seconds, 2))
@@ -247,10 +248,12 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
     collected = (round_dir / "completions.jsonl", round_dir / "collect_summary.json")
     stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, vector, round_index, round_dir), collected)
     eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
+    steered_eval = round_dir / "eval_steered.json"
     stage(
         folder,
         f"{tag}/eval_steered",
-        lambda: _eval(ctx, student, round_dir / "eval_steered.json", Steering(vector, eval_coeff)),
+        lambda: _eval(ctx, student, steered_eval, Steering(vector, eval_coeff)),
+        (steered_eval,),
     )
     healed: dict[str, nn.Module] = {}
 
@@ -265,17 +268,12 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
                                       **{f"last_{k}": v for k, v in result.log[-1].items()}},
         )  # fmt: skip
 
-    stage(folder, f"{tag}/heal", train, _adapter_files(round_dir))
+    stage(folder, f"{tag}/heal", train, (round_dir / "adapter", round_dir / "heal.json"))
     student = healed.get("model", student)
     healed_eval = round_dir / "eval_healed.json"
     stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, healed_eval), (healed_eval,))
     stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, round_dir / "demo.jsonl"))
     return student
-
-
-def _adapter_files(round_dir: Path) -> tuple[Path, ...]:
-    """The files of a saved adapter (listed lazily: they exist only once the heal has run)."""
-    return tuple(sorted((round_dir / "adapter").glob("adapter_*")))
 
 
 def loop_coherence(config: Config, result: dict, base: dict) -> float:
@@ -288,24 +286,30 @@ def loop_coherence(config: Config, result: dict, base: dict) -> float:
 
 def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None) -> Path:
     """Run (or resume) the loop; `max_rounds` stops after that many rounds without changing the config, so a
-    sweep can advance matched runs side by side and a later call carries on to `loop.rounds`."""
+    sweep can advance matched runs side by side and a later call carries on to `loop.rounds`.
+
+    Inputs are checked before anything is written: persona pair, evaluation data, output folder, model.
+    """
+    pair = persona_pair(config.persona)
+    check_eval_inputs(config.eval)
     root = Path(config.output.runs_dir) / config.output.name
     check_writable(root.parent, config.output.min_free_mb)
-    with RunFolder(root).locked():
-        folder = prepare_run_folder(config, fresh)
-        _run_rounds(config, folder, max_rounds)
-    return root
-
-
-def _run_rounds(config: Config, folder: RunFolder, max_rounds: int | None) -> None:
-    folder.event("run_start", rounds=config.loop.rounds)
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
     base_model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
-    ctx = LoopContext(config, folder, tokenizer, persona_pair(config.persona), info.name)
+    with RunFolder(root).locked():
+        folder = prepare_run_folder(config, fresh)
+        _run_rounds(LoopContext(config, folder, tokenizer, pair, info.name), base_model, max_rounds)
+    return root
+
+
+def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None) -> None:
+    config, folder = ctx.config, ctx.folder
+    folder.event("run_start", rounds=config.loop.rounds)
     base_eval_path = folder.root / "eval_base.json"
     stage(folder, "base/eval", lambda: _eval(ctx, base_model, base_eval_path), (base_eval_path,))
-    stage(folder, "prompt/eval", lambda: _eval(ctx, base_model, folder.root / "eval_prompt.json", None, ctx.pair.pos))
+    prompt_eval = folder.root / "eval_prompt.json"
+    stage(folder, "prompt/eval", lambda: _eval(ctx, base_model, prompt_eval, None, ctx.pair.pos), (prompt_eval,))
     stage(folder, "base/demo", lambda: _demo(ctx, base_model, folder.root / "demo_base.jsonl"))
     finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
     for r in finished:  # checked before baking: a damaged adapter must not become the student
