@@ -15,6 +15,7 @@ from loguru import logger
 
 from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
 from analyses.diffs import format_diffs, run_diffs
+from analyses.experiments import write_experiments_report
 from analyses.filter_calibration import run_filter_calibration
 from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
@@ -23,9 +24,9 @@ from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
 from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
 from interp_heal.loop import run_loop
-from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, embedded_status, load_model
+from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, band_to_layers, embedded_status, load_model, model_shape
 from interp_heal.steer import SteeringVector
-from interp_heal.sweep import run_sweep
+from interp_heal.sweep import load_sweep, run_sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -65,6 +66,24 @@ def models(load: bool = typer.Option(False, "--load", help="Load each model once
 def show_config(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """Print the resolved config (preset + overrides + defaults) as YAML."""
     typer.echo(config_to_yaml(_resolve(config, overrides)), nl=False)
+
+
+@app.command()
+def plan(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    model_config: Path | None = typer.Option(None, "--model-config", help="A local config.json for the model."),
+) -> None:
+    """Dry run: resolve the config and the model's layer indices from its config alone (no weights loaded)."""
+    resolved = _resolve(config, overrides)
+    shape = model_shape(resolved.model.spec, model_config)
+    steer_layers = band_to_layers(resolved.steer.band, shape.n_layers)
+    heal_layers = band_to_layers(resolved.heal.band, shape.n_layers)
+    typer.echo(f"model {resolved.model.spec}: {shape.architecture}, {shape.n_layers} layers, d={shape.d_model}")
+    typer.echo(f"steer band {list(resolved.steer.band)} -> layers {steer_layers}")
+    lora = f"{len(heal_layers)} layers x {len(resolved.heal.target_modules)} modules, r={resolved.heal.lora_r}"
+    typer.echo(f"heal band {list(resolved.heal.band)} -> LoRA on layers {heal_layers[0]}..{heal_layers[-1]} ({lora})")
+    typer.echo(f"{resolved.loop.rounds} rounds; runs/{resolved.output.name}; persona axis {resolved.persona.axis}")
 
 
 @app.command()
@@ -191,10 +210,14 @@ def run(
 def sweep(
     config: Path = typer.Option(..., "--config", "-c", help="Sweep file (see configs/experiments.yaml)."),
     only: list[str] | None = typer.Option(None, "--only", help="Run just these named runs (repeatable)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished rounds."),
 ) -> None:
-    """Matched loop runs from one sweep file, advanced round by round; rerun to resume."""
-    for name, root in run_sweep(config, only).items():
-        typer.echo(f"{name}: {root}")
+    """Matched loop runs from one sweep file, advanced round by round (rerun to resume); then the report."""
+    if not report_only:
+        for name, root in run_sweep(config, only).items():
+            typer.echo(f"{name}: {root}")
+    settings = load_sweep(config)
+    typer.echo(f"report: {write_experiments_report(config, Path(settings.report_dir), settings.anchor)}")
 
 
 @app.command("diag-axis")

@@ -27,6 +27,7 @@ from peft import PeftModel
 from platformdirs import user_cache_dir
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -272,6 +273,32 @@ def load_model(
     tokenizer = load_tokenizer(spec)
     model.to(torch_device).eval()
     return model, tokenizer, model_info(model, spec)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs from a model's config, without loading weights."""
+
+    architecture: str
+    n_layers: int
+    d_model: int
+
+
+def model_shape(spec: str, config_file: str | Path | None = None) -> ModelShape:
+    """Layer count and width from the model's config only (a local config.json may stand in for the hub)."""
+    if spec == TINY_RANDOM:
+        config = build_tiny_llama(32).config
+    elif config_file is not None:
+        config = AutoConfig.from_pretrained(str(config_file))
+    else:
+        source = resolve_source(spec)
+        try:
+            config = AutoConfig.from_pretrained(source, **_hub_kwargs(source))
+        except OSError as err:
+            raise _unknown_spec_error(spec, err) from err
+    text = config.get_text_config()
+    architecture = (config.architectures or [type(config).__name__])[0]
+    return ModelShape(architecture, int(text.num_hidden_layers), int(text.hidden_size))
 
 
 def build_tiny_llama(vocab_size: int, seed: int = 0) -> PreTrainedModel:

@@ -168,3 +168,14 @@ def test_eval_without_data_names_both_ways_to_provide_it(tmp_path):
     )
     assert result.returncode == 2
     assert "--mfv-data" in result.stderr and "INTERP_HEAL_MFV_DATA" in result.stderr
+
+
+def test_plan_resolves_paper_preset_layers_without_weights():
+    """The research preset's layer indices for gemma-3-4b-it (34 layers), from its config.json alone."""
+    result = runner.invoke(
+        app, ["plan", "-c", "configs/paper.yaml", "--model-config", "tests/fixtures/gemma-3-4b-it/config.json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Gemma3ForConditionalGeneration, 34 layers, d=2560" in result.output
+    assert "steer band [0.45, 0.55] -> layers [15, 16, 17, 18]" in result.output
+    assert "LoRA on layers 6..27 (22 layers x 7 modules, r=32)" in result.output

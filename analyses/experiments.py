@@ -1,0 +1,290 @@
+"""experiments: the matched runs of a sweep side by side, and the verdicts they support.
+
+Reads each run folder of a sweep (`configs/experiments.yaml`) and writes, under the report folder:
+`experiments.md` (tables per question, the verdicts with their numbers, the diary), `experiments.csv`
+(every run x stage row), and one figure per question (PNG + HTML).
+
+Runs that differ from the anchor run (`rmse_base` by default) only in `seed` form the noise floor: per round,
+the mean and the spread (max - min) of the seeds. A difference between two arms counts only when it exceeds
+that spread. Trait = paired-response log-odds (the readout that separates the love personas at 135M);
+coherence = exp(base NLL - NLL) on fixed neutral answers; both from the loop's own evals.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from interp_heal.config import Config
+from interp_heal.errors import DataError
+from interp_heal.io import atomic_write_text, read_jsonl
+from interp_heal.mfv import FOUNDATIONS
+from interp_heal.report import metric_rows, save_figure
+from interp_heal.sweep import sweep_configs
+
+OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    config: Config
+    rows: list[dict[str, object]]  # metric rows: base, prompt-baseline, steered r, healed r
+    diary: list[str]  # greedy answer to the first demo prompt: base, then after each round
+
+    def stage(self, name: str) -> dict[str, object] | None:
+        return next((row for row in self.rows if row["stage"] == name), None)
+
+    def rounds(self) -> list[int]:
+        return sorted({int(row["round"]) for row in self.rows if str(row["stage"]).startswith("healed")})
+
+    def value(self, stage: str, key: str) -> float:
+        row = self.stage(stage) or {}
+        value = row.get(key)
+        return float(value) if value not in (None, "") else math.nan
+
+
+def read_run(name: str, config: Config) -> Run | None:
+    root = Path(config.output.runs_dir) / config.output.name
+    if not (root / "eval_base.json").is_file():
+        return None
+    diary_files = [root / "demo_base.jsonl", *sorted(root.glob("round_*/demo.jsonl"))]
+    diary = [read_jsonl(path)[0]["completion"] for path in diary_files if path.is_file()]
+    return Run(name, config, metric_rows(root, config), diary)
+
+
+def most_moved_off_target(run: Run, stage: str) -> str:
+    """The off-target foundation (not Care, not Authority) whose MFV nats moved most from the base."""
+    moves = {f: run.value(stage, f"nats_{f}") - run.value("base", f"nats_{f}") for f in OFF_TARGET}
+    moves = {f: d for f, d in moves.items() if not math.isnan(d)}
+    if not moves:
+        return "-"
+    foundation = max(moves, key=lambda f: abs(moves[f]))
+    return f"{foundation} {moves[foundation]:+.2f}"
+
+
+def seed_group(runs: dict[str, Run], anchor: str) -> list[Run]:
+    """The anchor run and every run whose config differs from it only in the seed."""
+    base = runs[anchor].config
+    return [run for run in runs.values() if run.config.model_copy(update={"seed": base.seed, "output": base.output})
+            == base]  # fmt: skip
+
+
+def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[int, tuple[float, float, float]]:
+    """Per round: (mean, min, max) of `key` over the seeds that reached that round."""
+    band = {}
+    for r in sorted({r for run in group for r in run.rounds()}):
+        values = [run.value(f"{stage_prefix} {r}", key) for run in group]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            band[r] = (sum(values) / len(values), min(values), max(values))
+    return band
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def round_table(run: Run) -> list[str]:
+    lines = [
+        f"#### `{run.name}` ({_describe(run.config)})", "",
+        "| round | trait steered | trait healed [95% CI] | coherence healed | answer mass | care / auth nats | "
+        "most-moved off-target | kept frac | neutral KL mean / rmse / p95 / max | cos(v_r, v_0) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in run.rounds():
+        healed, steered = f"healed {r}", f"steered {r}"
+        ci = f"[{_f(run.value(healed, 'trait_ci_low'))}, {_f(run.value(healed, 'trait_ci_high'))}]"
+        kl = " / ".join(_f(run.value(healed, f"neutral_kl_{agg}")) for agg in ("mean", "rmse", "p95", "max"))
+        lines.append(
+            f"| {r} | {_f(run.value(steered, 'trait_log_odds'))} | {_f(run.value(healed, 'trait_log_odds'))} {ci} "
+            f"| {_f(run.value(healed, 'loop_coherence'))} | {_f(run.value(healed, 'coherence'))} "
+            f"| {_f(run.value(healed, 'care_nats'), 2)} / {_f(run.value(healed, 'auth_nats'), 2)} "
+            f"| {most_moved_off_target(run, healed)} | {_f(run.value(steered, 'keep_rate'), 2)} | {kl} "
+            f"| {_f(run.value(steered, 'vector_cos_r0'))} |"
+        )
+    return [*lines, ""]
+
+
+def _describe(config: Config) -> str:
+    heal = config.heal
+    barrier = "no barrier (lambda = 0)" if heal.lam == 0 else f"{heal.agg} KL to {heal.ref}, lambda {heal.lam}"
+    return f"{barrier}, tau {heal.tau}, seed {config.seed}"
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
+    group = seed_group(runs, anchor)
+    trait, coherence = seed_band(group, "trait_log_odds"), seed_band(group, "loop_coherence")
+    prompt = runs[anchor]
+    prompt_high = prompt.value("prompt-baseline", "trait_ci_high")
+    baseline = prompt.value("prompt-baseline", "trait_log_odds")
+    lines = [
+        "## Q1: does healing move the trait further than the prompting baseline, at equal or better coherence?", "",
+        f"Prompting baseline (pos persona as system prompt, base model): trait {_f(baseline)} "
+        f"[{_f(prompt.value('prompt-baseline', 'trait_ci_low'))}, {_f(prompt_high)}], coherence "
+        f"{_f(prompt.value('prompt-baseline', 'loop_coherence'))} (the base model's own fluency, capped at 1). Healed "
+        f"`{anchor}` over {len(group)} seed(s), mean [min, max] per round:", "",
+        "| round | healed trait | healed coherence | beats the baseline's upper CI in every seed? |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for r, (mean, low, high) in trait.items():
+        c_mean, c_low, c_high = coherence.get(r, (math.nan,) * 3)
+        verdict = "yes" if low > prompt_high else "no"
+        band = f"{_f(c_mean)} [{_f(c_low)}, {_f(c_high)}]"
+        lines.append(f"| {r} | {_f(mean)} [{_f(low)}, {_f(high)}] | {band} | {verdict} |")
+    beaten = [r for r, (_, low, _) in trait.items() if low > prompt_high]
+    prompt_coherence = prompt.value("prompt-baseline", "loop_coherence")
+    matched = [r for r in beaten if coherence.get(r, (math.nan,) * 3)[1] >= prompt_coherence]
+    if not beaten:
+        answer = "no: in no round does the healed trait exceed the prompting baseline's upper CI in every seed."
+    else:
+        answer = (
+            f"the healed trait exceeds the baseline's upper CI in every seed in rounds {beaten}; at equal or better "
+            f"coherence (every seed >= the baseline's {_f(prompt_coherence)}) in rounds {matched or 'none'}."
+        )
+    lines += ["", f"**Answer:** {answer}", ""]
+    return lines
+
+
+def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: str) -> list[str]:
+    group = seed_group(runs, anchor)
+    noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+    present = [arm for arm in arms if arm in runs]
+    header = " | ".join(f"{arm} trait / coh" for arm in present)
+    lines = [f"## {title}", "", f"| round | {header} | seed spread trait / coh ({len(group)} seeds) |",
+             "|---|" + "---|" * len(present) + "---|"]  # fmt: skip
+    rounds = sorted({r for arm in present for r in runs[arm].rounds()})
+    for r in rounds:
+        cells = [f"{_f(runs[a].value(f'healed {r}', 'trait_log_odds'))} / "
+                 f"{_f(runs[a].value(f'healed {r}', 'loop_coherence'))}" for a in present]  # fmt: skip
+        spread = [noise[k].get(r, (math.nan,) * 3) for k in ("trait_log_odds", "loop_coherence")]
+        widths = " / ".join(_f(high - low) for _, low, high in spread)
+        lines.append(f"| {r} | {' | '.join(cells)} | {widths} |")
+    lines += ["", *differences(runs, present, noise), ""]
+    return lines
+
+
+def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict]) -> list[str]:
+    """Per arm, the rounds where its healed coherence / trait differs from the anchor's seed mean by more than
+    the seed spread."""
+    lines = []
+    for arm in arms:
+        for key, label in (("loop_coherence", "coherence"), ("trait_log_odds", "trait")):
+            beyond = []
+            for r in runs[arm].rounds():
+                mean, low, high = noise[key].get(r, (math.nan,) * 3)
+                value = runs[arm].value(f"healed {r}", key)
+                if not math.isnan(value) and not math.isnan(mean) and high - low > 0 and abs(value - mean) > high - low:
+                    beyond.append(f"round {r}: {value - mean:+.3f}")
+            verdict = ", ".join(beyond) if beyond else "none beyond the seed spread"
+            lines.append(f"- `{arm}` {label} vs the anchor's seed mean: {verdict}")
+    if not any(len(run.rounds()) for run in runs.values()):
+        lines.append("- no finished rounds yet")
+    return lines
+
+
+# ---------------------------------------------------------------- figures
+
+
+def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) -> go.Figure:
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("healed trait log-odds", "healed coherence"))
+    group = seed_group(runs, anchor)
+    for col, key in ((1, "trait_log_odds"), (2, "loop_coherence")):
+        band = seed_band(group, key)
+        rounds = list(band)
+        figure.add_trace(go.Scatter(x=rounds + rounds[::-1], y=[band[r][2] for r in rounds] +
+                                    [band[r][1] for r in rounds[::-1]], fill="toself", fillcolor="rgba(0,0,0,0.12)",
+                                    line={"width": 0}, name=f"{anchor}: seed range", showlegend=col == 1),
+                         row=1, col=col)  # fmt: skip
+        for arm in arms:
+            if arm in runs:
+                run = runs[arm]
+                figure.add_trace(go.Scatter(x=run.rounds(), y=[run.value(f"healed {r}", key) for r in run.rounds()],
+                                            mode="lines+markers", name=arm, showlegend=col == 1,
+                                            legendgroup=arm), row=1, col=col)  # fmt: skip
+    prompt = runs[anchor]
+    figure.add_hline(y=prompt.value("prompt-baseline", "trait_log_odds"), line_dash="dash",
+                     annotation_text="prompting baseline", row=1, col=1)  # fmt: skip
+    figure.add_hline(y=prompt.config.loop.coh_floor, line_dash="dot", annotation_text="floor", row=1, col=2)
+    figure.update_xaxes(title_text="round")
+    figure.update_layout(width=1300, height=450, title=title)
+    return figure
+
+
+# ---------------------------------------------------------------- the report
+
+
+def diary_line(run: Run) -> str:
+    entries = [f"[{'base' if i == 0 else f'round {i - 1}'}] {' '.join(answer.split())[:160]}"
+               for i, answer in enumerate(run.diary)]  # fmt: skip
+    return f"- **{run.name}**: " + " → ".join(entries)
+
+
+def experiments_csv(runs: dict[str, Run]) -> str:
+    fields = ["run", *runs[next(iter(runs))].rows[0].keys()] if runs else ["run"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for run in runs.values():
+        for row in run.rows:
+            writer.writerow({"run": run.name, **{k: ("" if v is None else v) for k, v in row.items()}})
+    return buffer.getvalue()
+
+
+def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_base") -> Path:
+    configs = sweep_configs(sweep_path)
+    runs = {name: run for name, config in configs.items() if (run := read_run(name, config)) is not None}
+    if anchor not in runs:
+        raise DataError(f"the anchor run {anchor!r} has no results yet (sweep runs with results: {sorted(runs)})")
+    out.mkdir(parents=True, exist_ok=True)
+    arms = [name for name in runs if name not in {r.name for r in seed_group(runs, anchor)} or name == anchor]
+    barrier_arms = [a for a in arms if runs[a].config.heal.ref == runs[anchor].config.heal.ref]
+    ref_arms = [a for a in arms if runs[a].config.heal.agg == runs[anchor].config.heal.agg and runs[a].config.heal.lam]
+    questions = [
+        ("q1_healing_vs_prompting", [anchor], "Healing vs the prompting baseline"),
+        ("q2_barrier_aggregate", barrier_arms, "Barrier aggregate: rmse vs mean vs p95 vs none"),
+        ("q3_reference", ref_arms, "KL reference: base vs previous student"),
+    ]
+    for stem, question_arms, title in questions:
+        save_figure(arms_figure(runs, question_arms, anchor, title), out / stem)
+    atomic_write_text(out / "experiments.csv", experiments_csv(runs))
+    lines = [
+        "# Reference experiments: matched controls and seeds",
+        "",
+        f"`python cli.py sweep -c {sweep_path}` (resumable; `--report-only` rewrites this page). Runs with "
+        f"results: {', '.join(f'`{n}` ({len(r.rounds())} rounds)' for n, r in runs.items())}; planned: "
+        f"{', '.join(f'`{n}`' for n in configs)}. Everything is one model (`{runs[anchor].config.model.spec}`), "
+        f"one axis (`{runs[anchor].config.persona.axis}`), read by the paired-response trait log-odds.",
+        "",
+        *healing_vs_prompting(runs, anchor),
+        "![Q1](q1_healing_vs_prompting.png)",
+        "",
+        *arm_comparison(runs, anchor, barrier_arms, "Q2: does the rmse barrier hold coherence where mean does not?"),
+        "![Q2](q2_barrier_aggregate.png)",
+        "",
+        *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),
+        "![Q3](q3_reference.png)",
+        "",
+        "## Every run, round by round",
+        "",
+        *[line for run in runs.values() for line in round_table(run)],
+        '## Diary: greedy answer to "Do you love humanity?"',
+        "",
+        *[diary_line(run) for run in runs.values()],
+        "",
+    ]
+    path = out / "experiments.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,54 @@
+"""Sweeps: matched runs advanced breadth-first, resumable, and the experiments report over them."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+from interp_heal.errors import ConfigError
+from interp_heal.sweep import sweep_configs
+
+SMOKE = Path("configs/smoke.yaml").resolve()
+
+
+def _sweep_file(tmp_path: Path, runs: dict[str, list[str]], rounds: int = 1) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(SMOKE), "runs_dir": str(tmp_path / "runs"), "overrides": [f"loop.rounds={rounds}"],
+        "runs": runs, "report_dir": str(tmp_path / "report"),
+    }))  # fmt: skip
+    return path
+
+
+def test_sweep_configs_differ_only_in_their_overrides(tmp_path):
+    configs = sweep_configs(_sweep_file(tmp_path, {"rmse_base": [], "mean_base": ["heal.agg=mean"]}))
+    first, second = configs["rmse_base"], configs["mean_base"]
+    assert (first.heal.agg, second.heal.agg) == ("rmse", "mean")
+    assert first.model_copy(update={"heal": second.heal, "output": second.output}) == second
+    assert first.loop.rounds == 1 and first.output.name == "rmse_base"
+
+
+def test_a_bad_run_override_names_the_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep run .broken..*heal\.lamm"):
+        sweep_configs(_sweep_file(tmp_path, {"rmse_base": [], "broken": ["heal.lamm=1"]}))
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path):
+    path = _sweep_file(tmp_path, {"rmse_base": [], "no_barrier": ["heal.lam=0"], "rmse_base_seed1": ["seed=1"]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    for name in ("rmse_base", "no_barrier", "rmse_base_seed1"):
+        assert (tmp_path / "runs" / name / "round_00" / "eval_healed.json").is_file()
+    state = (tmp_path / "runs" / "no_barrier" / "state.json").read_text()
+    result = runner.invoke(app, ["sweep", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "no_barrier" / "state.json").read_text() == state, "a finished sweep reruns nothing"
+    report = (tmp_path / "report" / "experiments.md").read_text()
+    assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 rounds)" in report
+    assert "over 2 seed(s)" in report, "the seed variant must join the anchor's noise floor"
+    assert "| 0 |" in report and "`no_barrier` trait vs the anchor's seed mean" in report
+    assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
+    assert (tmp_path / "report" / "experiments.csv").read_text().count("\n") == 1 + 3 * 4
