@@ -172,7 +172,7 @@ def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: st
         spread = [noise[k].get(r, (math.nan,) * 3) for k in ("trait_log_odds", "loop_coherence")]
         widths = " / ".join(_f(high - low) for _, low, high in spread)
         lines.append(f"| {r} | {' | '.join(cells)} | {widths} |")
-    lines += ["", *differences(runs, present, noise), ""]
+    lines += ["", *differences(runs, [arm for arm in present if arm != anchor], noise), ""]
     return lines
 
 
@@ -260,13 +260,20 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
     for stem, question_arms, title in questions:
         save_figure(arms_figure(runs, question_arms, anchor, title), out / stem)
     atomic_write_text(out / "experiments.csv", experiments_csv(runs))
+    progress = ", ".join(f"`{n}` ({len(r.rounds())} of {r.config.loop.rounds} rounds)" for n, r in runs.items())
     lines = [
         "# Reference experiments: matched controls and seeds",
         "",
         f"`python cli.py sweep -c {sweep_path}` (resumable; `--report-only` rewrites this page). Runs with "
-        f"results: {', '.join(f'`{n}` ({len(r.rounds())} rounds)' for n, r in runs.items())}; planned: "
+        f"results: {progress}; planned: "
         f"{', '.join(f'`{n}`' for n in configs)}. Everything is one model (`{runs[anchor].config.model.spec}`), "
         f"one axis (`{runs[anchor].config.persona.axis}`), read by the paired-response trait log-odds.",
+        "",
+        "Readouts. Trait: paired-response log-odds (pos-persona reply vs neg-persona reply, teacher-forced); at "
+        "135M it separates the love personas and not a placebo pair (`tests/test_embedded.py`, README "
+        "'Evaluate'), which MFV does not (answer-token mass and top-1 agreement at chance, "
+        "`reports/mfv_smollm2/`), so the MFV columns below are reported but carry no verdict. Coherence: "
+        "exp(base NLL - NLL) on fixed neutral answers, 1 = as fluent as the base.",
         "",
         *healing_vs_prompting(runs, anchor),
         "![Q1](q1_healing_vs_prompting.png)",

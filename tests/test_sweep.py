@@ -47,7 +47,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "no_barrier" / "state.json").read_text() == state, "a finished sweep reruns nothing"
     report = (tmp_path / "report" / "experiments.md").read_text()
-    assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 rounds)" in report
+    assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 of 1 rounds)" in report
     assert "over 2 seed(s)" in report, "the seed variant must join the anchor's noise floor"
     assert "| 0 |" in report and "`no_barrier` trait vs the anchor's seed mean" in report
     assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
