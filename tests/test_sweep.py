@@ -30,8 +30,16 @@ def test_sweep_configs_differ_only_in_their_overrides(tmp_path):
     assert first.loop.rounds == 1 and first.output.name == "rmse_base"
 
 
+def test_the_experiments_sweep_resolves():
+    configs = sweep_configs(Path("configs/experiments.yaml"))
+    assert len(configs) >= 7 and all(config.loop.rounds >= 6 for config in configs.values())
+    aggregates = {(config.heal.agg, config.heal.ref, config.heal.lam > 0, config.seed) for config in configs.values()}
+    assert {("rmse", "base", True, 0), ("mean", "base", True, 0), ("p95", "base", True, 0)} <= aggregates
+    assert {("rmse", "base", False, 0), ("rmse", "prev", True, 0), ("rmse", "base", True, 1)} <= aggregates
+
+
 def test_a_bad_run_override_names_the_run(tmp_path):
-    with pytest.raises(ConfigError, match=r"sweep run .broken..*heal\.lamm"):
+    with pytest.raises(ConfigError, match=r"(?s)sweep run .broken..*heal\.lamm"):
         sweep_configs(_sweep_file(tmp_path, {"rmse_base": [], "broken": ["heal.lamm=1"]}))
 
 
