@@ -128,6 +128,8 @@ def heal(
 ) -> None:
     """Train one round's LoRA on a collect folder's kept completions, behind the KL barrier."""
     result = run_heal(_resolve(config, overrides), source, out)
+    if not result.main_process:
+        return
     last = result.log[-1]
     typer.echo(
         f"adapter: {result.adapter_dir}  ({len(result.log)} steps; last nll {last['nll']:.3f}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from interp_heal.config import HealConfig
 from interp_heal.errors import InterpHealError
 from interp_heal.generate import Completion
 from interp_heal.models import band_to_layers, decoder_layers, is_peft_model
+from interp_heal.parallel import DataParallel, share_of_step
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import PaddedBatch, base_model, kl_from_logprobs, pad_left, target_ids
 
@@ -156,7 +158,7 @@ def add_fresh_adapter(student: nn.Module, config: HealConfig, round_index: int) 
 
 
 @contextmanager
-def reference_model(model: PeftModel, ref: str, name: str) -> Iterator[nn.Module]:
+def reference_model(model: nn.Module, ref: str, name: str) -> Iterator[nn.Module]:
     """The KL reference on the same weights: the base (all adapters off) or the previous student."""
     if ref == "base":
         with base_model(model) as base:
@@ -193,7 +195,7 @@ class LossParts:
     barrier_active: bool
 
 
-def reference_log_probs(model: PeftModel, batch: PaddedBatch, config: HealConfig, name: str) -> torch.Tensor:
+def reference_log_probs(model: nn.Module, batch: PaddedBatch, config: HealConfig, name: str) -> torch.Tensor:
     """log p_ref at the completion positions of a batch, [n_tokens, vocab] fp32."""
     with torch.no_grad(), reference_model(model, config.ref, name) as reference:
         ref_logits = reference(**batch.model_inputs()).logits[batch.target_mask]
@@ -201,7 +203,7 @@ def reference_log_probs(model: PeftModel, batch: PaddedBatch, config: HealConfig
 
 
 def batch_loss(
-    model: PeftModel,
+    model: nn.Module,
     batch: PaddedBatch,
     config: HealConfig,
     lam_eff: float,
@@ -260,6 +262,7 @@ class HealResult:
     log: list[dict[str, float]]
     val: dict[str, float]
     lam_eff: float
+    main_process: bool = True  # False on the other processes of a data-parallel heal (they save nothing)
 
 
 def _cosine_with_warmup(total_steps: int, warmup_frac: float):
@@ -303,8 +306,14 @@ def heal(
     round_index: int,
     out_dir: Path,
     seed: int,
+    parallel: DataParallel | None = None,
 ) -> HealResult:
-    """Train this round's adapter on the kept completions; write train_log.csv and out_dir/adapter."""
+    """Train this round's adapter on the kept completions; write train_log.csv and out_dir/adapter.
+
+    With `parallel` over several processes (see interp_heal/parallel.py) each step's micro-batches are shared
+    between them and only the main process writes the log and the adapter.
+    """
+    parallel = parallel or DataParallel()
     if not completions:
         raise HealError("no completions to train on")
     torch.manual_seed(seed)
@@ -313,9 +322,11 @@ def heal(
     model = add_fresh_adapter(student, config, round_index)
     lam_eff = barrier_weight(config.lam, round_index, config.lam_round_pow)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    forward_module = parallel.wrap(model)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     micro_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = math.ceil(micro_per_epoch / config.grad_accum) * config.epochs
+    micro_per_step = config.grad_accum * parallel.world
+    total_steps = math.ceil(micro_per_epoch / micro_per_step) * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps, config.warmup_frac))
     device = next(model.parameters()).device
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,11 +334,13 @@ def heal(
     logger.info(
         f"heal {name}: {len(train)} train / {len(val)} val, {total_steps} steps, "
         f"{sum(p.numel() for p in trainable):,} trainable, agg={config.agg} tau={config.tau} lam_eff={lam_eff:.3g} "
-        f"ref={config.ref}"
+        f"ref={config.ref}" + (f", {parallel.world} processes" if parallel.world > 1 else "")
     )
     order_rng = random.Random(seed)
     cache = ReferenceCache(config.ref_cache_mb * 2**20)
-    with (out_dir / "train_log.csv").open("w", newline="") as handle, tqdm(total=total_steps, desc=name) as bar:
+    log_path = out_dir / "train_log.csv" if parallel.is_main else Path(os.devnull)
+    bar = tqdm(total=total_steps, desc=name, disable=not parallel.is_main)
+    with log_path.open("w", newline="") as handle, bar:
         writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
         writer.writeheader()
         step = 0
@@ -336,9 +349,10 @@ def heal(
             order = order_rng.sample(range(len(train)), len(train))
             chunks = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             batches = [(ids, _pad([train[i] for i in ids], tokenizer.pad_token_id, device)) for ids in chunks]
-            for first in range(0, len(batches), config.grad_accum):
-                group = batches[first : first + config.grad_accum]
-                row = _optimizer_step(model, group, config, lam_eff, name, optimizer, trainable, step, epoch, cache)
+            for first in range(0, len(batches), micro_per_step):
+                group = batches[first : first + micro_per_step]
+                step_state = _StepState(model, forward_module, optimizer, trainable, cache, parallel)
+                row = _optimizer_step(step_state, group, config, lam_eff, name, step, epoch)
                 scheduler.step()
                 writer.writerow(row)
                 handle.flush()
@@ -346,42 +360,75 @@ def heal(
                 bar.update(1)
                 bar.set_postfix(nll=f"{row['nll']:.3f}", kl_rmse=f"{row['kl_rmse']:.3f}", bar=f"{row['barrier']:.3f}")
                 step += 1
-    val_metrics = validate(model, val, config, name, tokenizer.pad_token_id)
+    activate(model, adapter_names(model), trainable=None)
+    val_metrics = validate(model, val, config, name, tokenizer.pad_token_id) if parallel.is_main else {}
     if val_metrics:
         logger.info("heal validation: " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()))
-    activate(model, adapter_names(model), trainable=None)
     model.eval()
-    save_adapter(model, name, out_dir / "adapter")
-    return HealResult(model, name, out_dir / "adapter", log, val_metrics, lam_eff)
+    if parallel.is_main:
+        save_adapter(model, name, out_dir / "adapter")
+    parallel.wait()
+    return HealResult(model, name, out_dir / "adapter", log, val_metrics, lam_eff, parallel.is_main)
+
+
+@dataclass(frozen=True)
+class _StepState:
+    model: PeftModel  # the peft model itself: adapter switches and the reference forward
+    forward_module: nn.Module  # what training forwards run through (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    cache: ReferenceCache
+    parallel: DataParallel
 
 
 def _optimizer_step(
-    model: PeftModel,
+    state: _StepState,
     group: list[tuple[list[int], PaddedBatch]],
     config: HealConfig,
     lam_eff: float,
     name: str,
-    optimizer: torch.optim.Optimizer,
-    trainable: list[torch.nn.Parameter],
     step: int,
     epoch: int,
-    cache: ReferenceCache,
 ) -> dict[str, float]:
-    optimizer.zero_grad(set_to_none=True)
+    """One optimizer step over `group`'s micro-batches, each weighted 1/len(group) in the averaged gradient."""
+    state.optimizer.zero_grad(set_to_none=True)
+    parallel = state.parallel
+    mine = share_of_step(len(group), parallel.world, parallel.rank)
+    # DDP averages gradients over processes, so a micro-batch weighs world/len(group) on its own process. A
+    # process with no micro-batch left in a short final step still joins the all-reduce with a zero weight.
+    work = [(index, parallel.world / len(group)) for index in mine] or [(0, 0.0)]
     parts = []
-    for example_ids, batch in group:
-        ref_log_probs = cache.lookup(example_ids, batch.input_ids.device)
+    for position, (index, weight) in enumerate(work):
+        example_ids, batch = group[index]
+        ref_log_probs = state.cache.lookup(example_ids, batch.input_ids.device)
         if ref_log_probs is None:
-            ref_log_probs = reference_log_probs(model, batch, config, name)
-            cache.store(example_ids, batch, ref_log_probs)
-        part = batch_loss(model, batch, config, lam_eff, name, ref_log_probs=ref_log_probs)
-        if not torch.isfinite(part.loss):
-            raise HealError(f"non-finite loss at step {step} (epoch {epoch}): nll={part.nll}, barrier={part.barrier}")
-        (part.loss / len(group)).backward()
-        parts.append(part)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+            ref_log_probs = reference_log_probs(state.model, batch, config, name)
+            state.cache.store(example_ids, batch, ref_log_probs)
+        with parallel.gradient_sync(state.forward_module, sync=position == len(work) - 1):
+            part = batch_loss(state.forward_module, batch, config, lam_eff, name, ref_log_probs=ref_log_probs)
+            if not torch.isfinite(part.loss):
+                raise HealError(
+                    f"non-finite loss at step {step} (epoch {epoch}): nll={part.nll}, barrier={part.barrier}"
+                )
+            (part.loss * weight).backward()
+        if weight > 0:
+            parts.append(part)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.trainable, config.max_grad_norm))
     if not math.isfinite(grad_norm):
         raise HealError(f"non-finite gradient norm at step {step} (epoch {epoch}); nothing was saved")
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    return {"step": step, "epoch": epoch, **_mean_parts(parts), "grad_norm": grad_norm, "lr": lr}
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    means = _step_means(parts, parallel, group[0][1].input_ids.device)
+    return {"step": step, "epoch": epoch, **means, "grad_norm": grad_norm, "lr": lr}
+
+
+_PART_FIELDS = ("nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier")
+
+
+def _step_means(parts: list[LossParts], parallel: DataParallel, device: torch.device) -> dict[str, float]:
+    """Means over every process's micro-batches of the step (sums and counts all-reduced)."""
+    rows = [[*(getattr(p, f) for f in _PART_FIELDS), float(p.barrier_active), p.loss.item(), 1.0] for p in parts]
+    sums = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(9, dtype=torch.float64)
+    totals = parallel.sum(sums.to(device)).cpu()
+    means = (totals[:-1] / totals[-1]).tolist()
+    return {**dict(zip(_PART_FIELDS, means[:6], strict=True)), "barrier_active_frac": means[6], "loss": means[7]}

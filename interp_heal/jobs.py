@@ -20,6 +20,7 @@ from interp_heal.generate import Completion, generate_completions, write_complet
 from interp_heal.heal import HealResult, heal
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
+from interp_heal.parallel import data_parallel
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
 from interp_heal.steer import SteeringVector, extract_steering_vector
 
@@ -86,8 +87,10 @@ def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0)
         )
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
-    return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed)
+    parallel = data_parallel()  # several processes only under `accelerate launch` / `torchrun`
+    device = parallel.device or config.model.device
+    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=device)
+    return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed, parallel=parallel)
 
 
 def run_eval(

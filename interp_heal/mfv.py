@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.errors import DataError
 from interp_heal.personas import chat_messages, supports_system_role
-from interp_heal.sequences import continuation_logprobs, pad_left
+from interp_heal.sequences import pad_left, position_ids_from_mask
 from interp_heal.steer import SteeringVector, steered_generate, steered_logits
 
 DATA_ENV = "INTERP_HEAL_MFV_DATA"
@@ -209,17 +209,43 @@ class Steering:
         return self.vector is not None and self.coeff != 0
 
 
-def _think(model, tokenizer, prompts_ids: list[list[int]], think_tokens: int, protocol: Protocol, steering: Steering):
-    if think_tokens == 0:
-        return [[] for _ in prompts_ids]
+def _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, prefill_len, steering):
+    """No think: one forward over prompt + forced suffix + answer prefill."""
     device = next(model.parameters()).device
-    batch = pad_left(prompts_ids, [[] for _ in prompts_ids], tokenizer.pad_token_id, device)
+    batch = pad_left(prompt_ids, [tail_ids] * len(prompt_ids), tokenizer.pad_token_id, device)
+    with torch.inference_mode():
+        logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
+    return logits[:, -(prefill_len + 1) :]
+
+
+def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, think_tokens, protocol, steering):
+    """Greedy think of exactly `think_tokens`, then suffix + prefill as one forward over the think's KV cache.
+
+    Every row's think has the same length and the forced tail is the same for all rows, so the continuation
+    needs no padding: it is [last think token] + tail, at positions right after the cache.
+    """
+    device = next(model.parameters()).device
+    batch = pad_left(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, device)
     kwargs: dict[str, object] = {"max_new_tokens": think_tokens, "min_new_tokens": think_tokens, "do_sample": False}
     if protocol.suppress_end_during_think:
         kwargs["bad_words_ids"] = [tokenizer.encode(protocol.think_close, add_special_tokens=False)]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    sequences = steered_generate(model, tokenizer, inputs, steering.vector, steering.coeff, **kwargs)
-    return sequences[:, batch.input_ids.shape[1] :].tolist()
+    output = steered_generate(
+        model, tokenizer, inputs, steering.vector, steering.coeff, return_dict_in_generate=True, **kwargs
+    )
+    # generate never feeds its last token back, so the cache holds prompt + think[:-1]
+    continuation = torch.cat(
+        [output.sequences[:, -1:], torch.tensor([tail_ids] * len(prompt_ids), device=device)], dim=1
+    )
+    new_positions = torch.ones(len(prompt_ids), think_tokens + len(tail_ids), dtype=batch.attention_mask.dtype)
+    attention_mask = torch.cat([batch.attention_mask, new_positions.to(device)], dim=1)
+    position_ids = position_ids_from_mask(attention_mask)[:, -continuation.shape[1] :]
+    step = {"input_ids": continuation, "attention_mask": attention_mask, "position_ids": position_ids}
+    with torch.inference_mode():
+        logits = steered_logits(
+            model, tokenizer, step, steering.vector, steering.coeff, past_key_values=output.past_key_values
+        )
+    return logits[:, -(prefill_len + 1) :]
 
 
 def score_frames(
@@ -237,7 +263,6 @@ def score_frames(
     system_role = supports_system_role(tokenizer)
     suffix_ids = tokenizer.encode(forced_suffix(protocol, tokenizer), add_special_tokens=False)
     prefill_ids = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
-    device = next(model.parameters()).device
     jobs = [(r, frame) for r in range(len(rows)) for frame in ("forward", "reversed")]
     option_lp = torch.zeros(len(rows), 2, len(protocol.options))
     nll = torch.zeros(len(rows), 2)
@@ -249,18 +274,21 @@ def score_frames(
             chat = chat_messages(user, persona, system_role)
             text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + protocol.think_open
             prompt_ids.append(tokenizer.encode(text, add_special_tokens=False))
-        thoughts = _think(model, tokenizer, prompt_ids, think_tokens, protocol, steering)
-        contexts = [p + t + suffix_ids for p, t in zip(prompt_ids, thoughts, strict=True)]
-        batch = pad_left(contexts, [prefill_ids] * len(contexts), tokenizer.pad_token_id, device)
-        with torch.inference_mode():
-            logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
-        last = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
-        prefill_lp = continuation_logprobs(logits, batch)
+        tail_ids = suffix_ids + prefill_ids
+        if think_tokens == 0:
+            logits = _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), steering)
+        else:
+            logits = _answer_after_think(
+                model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), think_tokens, protocol, steering
+            )
+        # logits[:, j] predicts prefill token j (j < len(prefill)); the last position predicts the answer
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        prefill_lp = log_probs[:, :-1].gather(-1, torch.tensor([prefill_ids] * len(chunk)).unsqueeze(-1)).squeeze(-1)
         for b, (row_index, frame) in enumerate(chunk):
             frame_index = 0 if frame == "forward" else 1
             ids = answer_token_ids(protocol, tokenizer, frame_options(protocol, frame))
-            option_lp[row_index, frame_index] = last[b, ids]
-            nll[row_index, frame_index] = -prefill_lp[b].mean().cpu()
+            option_lp[row_index, frame_index] = log_probs[b, -1, ids]
+            nll[row_index, frame_index] = -prefill_lp[b].mean()
     return {"option_lp": option_lp, "pmass": option_lp.exp().sum(-1), "nll_prefill": nll}
 
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import BatchEncoding, Cache, PreTrainedTokenizerBase
 
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_target, write_json
@@ -222,13 +222,16 @@ def steered_logits(
     inputs: dict[str, torch.Tensor],
     vector: SteeringVector | None,
     coeff: float,
+    past_key_values: Cache | None = None,
 ) -> torch.Tensor:
-    """Logits of one forward with coeff * v added to every band layer's output at every position."""
+    """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`
+    (with `past_key_values`, the new positions only: the cached ones were steered when they were computed)."""
     nn_model, layers = wrap(model, tokenizer)
     if vector is not None:
         check_fits(vector, model)
     injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
-    with nn_model.trace(inputs):
+    cache_kwargs = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
+    with nn_model.trace(inputs, **cache_kwargs):
         add_steering(layers, injection)
         logits = nn_model.lm_head.output.save()
     return logits
@@ -265,12 +268,13 @@ def steered_generate(
     coeff: float | list[float],
     generated_only: bool = False,
     **generate_kwargs: object,
-) -> torch.Tensor:
+) -> Any:
     """`generate` with coeff * v added at the band layers: prompt and generated tokens, or generated only.
 
     `coeff` is one coefficient for the batch or one per row, so several doses share one batch. Returns the
     full sequences (prompt + new tokens), as `model.generate` does. With no vector or only zero coefficients
-    this is plain `generate` (no trace), so its output is exactly HF's.
+    this is plain `generate` (no trace), so its output is exactly HF's (the sequences tensor, or the output
+    object with its KV cache when `return_dict_in_generate=True`).
     """
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     row_coeffs = coeff if isinstance(coeff, list) else [coeff]

@@ -8,6 +8,7 @@ import torch
 from interp_heal.errors import DataError
 from interp_heal.mfv import (
     FOUNDATIONS,
+    Steering,
     answer_token_ids,
     forced_suffix,
     frame_options,
@@ -19,6 +20,8 @@ from interp_heal.mfv import (
     summarise_mfv,
     user_prompt,
 )
+from interp_heal.personas import chat_messages, supports_system_role
+from interp_heal.steer import SteeringVector, steered_generate, steered_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mfv"
 
@@ -84,6 +87,50 @@ def test_batching_does_not_change_scores(tiny_model, tokenizer, rows):
     one = score_frames(tiny_model, tokenizer, protocol, rows[:4], 0, batch_size=1)
     many = score_frames(tiny_model, tokenizer, protocol, rows[:4], 0, batch_size=8)
     torch.testing.assert_close(one["option_lp"], many["option_lp"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 3.0])
+def test_think_then_cached_answer_equals_one_forward_over_the_same_tokens(tiny_model, tokenizer, rows, coeff):
+    """score_frames continues the think's KV cache; the reference re-reads prompt + think + tail from scratch."""
+    protocol = load_protocol(FIXTURES, "digits")
+    vector = _random_vector(tiny_model, seed=1)
+    steering = Steering(vector, coeff)
+    cached = score_frames(tiny_model, tokenizer, protocol, rows[:3], 4, batch_size=4, steering=steering)
+    suffix = tokenizer.encode(forced_suffix(protocol, tokenizer), add_special_tokens=False)
+    prefill = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
+    for row_index, row in enumerate(rows[:3]):
+        for frame_index, frame in enumerate(("forward", "reversed")):
+            user = user_prompt(protocol, row.text, frame_options(protocol, frame))
+            text = tokenizer.apply_chat_template(
+                chat_messages(user, None, supports_system_role(tokenizer)), tokenize=False, add_generation_prompt=True
+            )
+            prompt = tokenizer.encode(text + protocol.think_open, add_special_tokens=False)
+            inputs = {
+                "input_ids": torch.tensor([prompt]),
+                "attention_mask": torch.ones(1, len(prompt), dtype=torch.long),
+            }
+            bad_words = [tokenizer.encode(protocol.think_close, add_special_tokens=False)]
+            think = steered_generate(
+                tiny_model, tokenizer, inputs, vector, coeff, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                bad_words_ids=bad_words,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+            full = torch.tensor([prompt + think + suffix + prefill])
+            with torch.inference_mode():
+                logits = steered_logits(tiny_model, tokenizer, {"input_ids": full}, vector, coeff)
+            log_probs = torch.log_softmax(logits[0].float(), dim=-1)
+            ids = answer_token_ids(protocol, tokenizer, frame_options(protocol, frame))
+            torch.testing.assert_close(
+                cached["option_lp"][row_index, frame_index], log_probs[-1, ids], atol=1e-4, rtol=0
+            )
+            prefill_nll = -log_probs[-len(prefill) - 1 : -1].gather(-1, torch.tensor(prefill)[:, None]).mean()
+            assert float(cached["nll_prefill"][row_index, frame_index]) == pytest.approx(float(prefill_nll), abs=1e-4)
+
+
+def _random_vector(model, seed: int) -> SteeringVector:
+    generator = torch.Generator().manual_seed(seed)
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    directions = torch.randn(n_layers, d_model, generator=generator)
+    return SteeringVector(directions, torch.ones(n_layers), (1, 2), (0.25, 0.75), "tiny-random", "love", 0)
 
 
 def test_stratified_subsets_are_balanced_and_reproducible(rows):
