@@ -91,14 +91,17 @@ def reply_logprobs(
             prompts[start : start + batch_size], reply_ids[start : start + batch_size], tokenizer.pad_token_id, device
         )
         with torch.inference_mode():
-            logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
+            logits = steered_logits(
+                model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff, logits_to_keep=batch.n_scored
+            )
             logprobs.extend(row.cpu() for row in continuation_logprobs(logits, batch))
             if with_base_kl:
                 with base_model(model) as base:
-                    base_logits = base(**batch.model_inputs()).logits
+                    base_logits = base(**batch.scored_inputs()).logits
                 log_p = torch.log_softmax(logits.float(), dim=-1)
                 kl = kl_from_logprobs(log_p, torch.log_softmax(base_logits.float(), dim=-1))
-                kls.extend(kl[b][batch.target_mask[b]].cpu() for b in range(kl.shape[0]))
+                mask = batch.target_mask[:, -kl.shape[1] :]
+                kls.extend(kl[b][mask[b]].cpu() for b in range(kl.shape[0]))
     return logprobs, kls
 
 

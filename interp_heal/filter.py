@@ -165,7 +165,7 @@ def base_token_nlls(
         prompts = prompt_ids["input_ids"][start : start + batch_size]
         batch = pad_left(prompts, [c.token_ids for c in chunk], tokenizer.pad_token_id, device)
         with torch.inference_mode(), base_model(model) as base:
-            logits = base(**batch.model_inputs()).logits
+            logits = base(**batch.scored_inputs()).logits
         nlls.extend((-row).cpu() for row in continuation_logprobs(logits, batch))
     return nlls
 
@@ -358,10 +358,12 @@ def mean_steered_kl(
             device,
         )
         with torch.inference_mode():
-            steered = steered_logits(model, tokenizer, batch.model_inputs(), vector, coeff)
+            steered = steered_logits(
+                model, tokenizer, batch.model_inputs(), vector, coeff, logits_to_keep=batch.n_scored
+            )
             with base_model(model) as base:
-                reference = base(**batch.model_inputs()).logits
-        kl = token_kl(steered, reference)[batch.target_mask]
+                reference = base(**batch.scored_inputs()).logits
+        kl = batch.at_targets(token_kl(steered, reference))
         total, count = total + float(kl.sum()), count + kl.numel()
     return total / max(count, 1)
 

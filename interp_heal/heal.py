@@ -198,7 +198,7 @@ class LossParts:
 def reference_log_probs(model: nn.Module, batch: PaddedBatch, config: HealConfig, name: str) -> torch.Tensor:
     """log p_ref at the completion positions of a batch, [n_tokens, vocab] fp32."""
     with torch.no_grad(), reference_model(model, config.ref, name) as reference:
-        ref_logits = reference(**batch.model_inputs()).logits[batch.target_mask]
+        ref_logits = batch.at_targets(reference(**batch.scored_inputs()).logits)
     return torch.log_softmax(ref_logits.float(), dim=-1)
 
 
@@ -216,7 +216,7 @@ def batch_loss(
     plain distillation still logs its KL drift; `with_reference=False` skips it (pure NLL, KL reported NaN).
     `ref_log_probs` (from `reference_log_probs`, e.g. cached) replaces the reference forward."""
     with torch.set_grad_enabled(with_grad):
-        logits = model(**batch.model_inputs()).logits[batch.target_mask]
+        logits = batch.at_targets(model(**batch.scored_inputs()).logits)
     log_p = torch.log_softmax(logits.float(), dim=-1)
     targets = target_ids(batch)[batch.target_mask]
     nll = -log_p.gather(-1, targets.unsqueeze(-1)).mean()

@@ -214,8 +214,10 @@ def _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, prefill_len, st
     device = next(model.parameters()).device
     batch = pad_left(prompt_ids, [tail_ids] * len(prompt_ids), tokenizer.pad_token_id, device)
     with torch.inference_mode():
-        logits = steered_logits(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
-    return logits[:, -(prefill_len + 1) :]
+        logits = steered_logits(
+            model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff, logits_to_keep=prefill_len + 1
+        )
+    return logits
 
 
 def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, think_tokens, protocol, steering):
@@ -243,7 +245,13 @@ def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, thi
     step = {"input_ids": continuation, "attention_mask": attention_mask, "position_ids": position_ids}
     with torch.inference_mode():
         logits = steered_logits(
-            model, tokenizer, step, steering.vector, steering.coeff, past_key_values=output.past_key_values
+            model,
+            tokenizer,
+            step,
+            steering.vector,
+            steering.coeff,
+            past_key_values=output.past_key_values,
+            use_cache=True,
         )
     return logits[:, -(prefill_len + 1) :]
 

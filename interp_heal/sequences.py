@@ -27,6 +27,24 @@ class PaddedBatch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
+    @property
+    def n_scored(self) -> int:
+        """Trailing positions whose logits predict a continuation token in some row (>= 1).
+
+        Logits before them are never read, so forwards pass `logits_to_keep=n_scored`: at these shapes the
+        unembedding is a fifth of a forward's FLOPs, and a [B, T, vocab] fp32 tensor is hundreds of MB.
+        """
+        columns = self.target_mask.any(dim=0).nonzero()
+        return int(self.target_mask.shape[1] - columns[0]) if len(columns) else 1
+
+    def scored_inputs(self) -> dict[str, object]:
+        """`model_inputs()` plus `logits_to_keep`: the forward returns logits for the scored positions only."""
+        return {**self.model_inputs(), "logits_to_keep": self.n_scored}
+
+    def at_targets(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Rows of a [B, T', ...] tensor (T' <= T trailing positions) at the continuation-predicting positions."""
+        return per_position[self.target_mask[:, -per_position.shape[1] :]]
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -67,10 +85,15 @@ def target_ids(batch: PaddedBatch) -> torch.Tensor:
 
 
 def continuation_logprobs(logits: torch.Tensor, batch: PaddedBatch) -> list[torch.Tensor]:
-    """Per-token log p(continuation token) for each row, as a list of 1-D float32 tensors."""
+    """Per-token log p(continuation token) for each row, as a list of 1-D float32 tensors.
+
+    `logits` covers all T positions or the last T' of them (a forward with `logits_to_keep`).
+    """
+    kept = logits.shape[1]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(-1, target_ids(batch).unsqueeze(-1)).squeeze(-1)
-    return [picked[b][batch.target_mask[b]] for b in range(picked.shape[0])]
+    picked = log_probs.gather(-1, target_ids(batch)[:, -kept:].unsqueeze(-1)).squeeze(-1)
+    mask = batch.target_mask[:, -kept:]
+    return [picked[b][mask[b]] for b in range(picked.shape[0])]
 
 
 def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

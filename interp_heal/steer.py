@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import BatchEncoding, Cache, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_target, write_json
@@ -222,16 +222,18 @@ def steered_logits(
     inputs: dict[str, torch.Tensor],
     vector: SteeringVector | None,
     coeff: float,
-    past_key_values: Cache | None = None,
+    **forward_kwargs: object,
 ) -> torch.Tensor:
-    """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`
-    (with `past_key_values`, the new positions only: the cached ones were steered when they were computed)."""
+    """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`.
+
+    `forward_kwargs` go to the model's forward: `logits_to_keep=k` (logits of the last k positions only), or
+    `past_key_values` (then only the new positions are steered: the cached ones were when they were computed).
+    """
     nn_model, layers = wrap(model, tokenizer)
     if vector is not None:
         check_fits(vector, model)
     injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
-    cache_kwargs = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
-    with nn_model.trace(inputs, **cache_kwargs):
+    with nn_model.trace(inputs, **forward_kwargs):
         add_steering(layers, injection)
         logits = nn_model.lm_head.output.save()
     return logits

@@ -20,7 +20,7 @@ from interp_heal.heal import (
     training_examples,
 )
 from interp_heal.models import build_tiny_llama
-from interp_heal.sequences import base_model, pad_left
+from interp_heal.sequences import base_model, continuation_logprobs, pad_left, target_ids
 
 TEXTS = [
     "Start with the smallest task on your list and finish it before lunch.",
@@ -99,6 +99,25 @@ def test_round_zero_student_equals_reference_at_init(tiny_model, tokenizer, ref)
     assert parts.kl_max == 0.0
     with torch.no_grad():
         torch.testing.assert_close(student(**batch.model_inputs()).logits, base_logits)
+
+
+def test_scored_positions_only_give_the_full_forwards_numbers(tiny_model, tokenizer):
+    """logits_to_keep = n_scored: same NLL and per-token log-probs as slicing the full logits."""
+    completions = _completions(tokenizer)
+    completions[0] = _completions(tokenizer, ["Yes."])[0]  # rows of different continuation lengths
+    batch = _batch(tokenizer, completions[:3])
+    assert 1 < batch.n_scored < batch.input_ids.shape[1]
+    with torch.no_grad():
+        full = tiny_model(**batch.model_inputs()).logits
+        scored = tiny_model(**batch.scored_inputs()).logits
+    assert scored.shape[1] == batch.n_scored
+    torch.testing.assert_close(batch.at_targets(scored), full[batch.target_mask], atol=1e-5, rtol=1e-5)
+    for trimmed, whole in zip(continuation_logprobs(scored, batch), continuation_logprobs(full, batch), strict=True):
+        torch.testing.assert_close(trimmed, whole, atol=1e-5, rtol=1e-5)
+    log_p = torch.log_softmax(full[batch.target_mask].float(), -1)
+    nll = -log_p.gather(-1, target_ids(batch)[batch.target_mask].unsqueeze(-1)).mean()
+    parts = batch_loss(tiny_model, batch, FAST, 0.0, "none", with_grad=False, with_reference=False)
+    assert parts.nll == pytest.approx(float(nll), abs=1e-5)
 
 
 def test_prev_reference_is_the_baked_student_and_base_is_the_true_base(tiny_model, tokenizer, tmp_path):
