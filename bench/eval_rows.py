@@ -24,9 +24,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rows", type=int, default=132)
+    parser.add_argument("--batch", type=int, default=None, help="eval batch size (default: the demo preset's)")
     parser.add_argument("--out", type=Path, default=Path("reports/bench_eval_rows.md"))
     args = parser.parse_args()
-    demo = load_config("configs/demo.yaml")
+    demo = load_config("configs/demo.yaml", [f"eval.batch_size={args.batch}"] if args.batch else [])
     model, tokenizer, _ = load_model(args.model)
     data_dir = resolve_data_dir(demo.eval.mfv_data)
     protocol = load_protocol(data_dir, demo.eval.protocol)
@@ -46,7 +47,8 @@ def main() -> None:
     lines.append(f"| {whole} | - | {seconds:.1f} | - |")
     report = "\n".join([
         "# Evaluation throughput", "",
-        f"`python bench/eval_rows.py --rows {args.rows}`. Machine: {machine_line()}. Protocol {protocol.name}, "
+        f"`python bench/eval_rows.py --rows {args.rows} --batch {demo.eval.batch_size}`. "
+        f"Machine: {machine_line()}. Protocol {protocol.name}, "
         f"batch {demo.eval.batch_size}; peak RSS {peak_rss_gb():.2f} GB. Goal: {args.rows} rows at 32 think tokens "
         "<= 2 min.", "",
         "| what | size | seconds | rate |", "|---|---|---|---|", *lines, "",

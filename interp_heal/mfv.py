@@ -256,6 +256,15 @@ def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, thi
     return logits[:, -(prefill_len + 1) :]
 
 
+def _frame_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, protocol: Protocol, text: str, frame: str, persona: str | None
+) -> list[int]:
+    user = user_prompt(protocol, text, frame_options(protocol, frame))
+    chat = chat_messages(user, persona, supports_system_role(tokenizer))
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(rendered + protocol.think_open, add_special_tokens=False)
+
+
 def score_frames(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -268,20 +277,16 @@ def score_frames(
 ) -> dict[str, torch.Tensor]:
     """Per row and frame: option log-probs [n, 2, 7], answer-token mass [n, 2], prefill NLL [n, 2]."""
     steering = steering or Steering()
-    system_role = supports_system_role(tokenizer)
     suffix_ids = tokenizer.encode(forced_suffix(protocol, tokenizer), add_special_tokens=False)
     prefill_ids = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
     jobs = [(r, frame) for r in range(len(rows)) for frame in ("forward", "reversed")]
+    prompts = {job: _frame_prompt_ids(tokenizer, protocol, rows[job[0]].text, job[1], persona) for job in jobs}
+    jobs.sort(key=lambda job: len(prompts[job]))  # similar lengths share a batch: less padding
     option_lp = torch.zeros(len(rows), 2, len(protocol.options))
     nll = torch.zeros(len(rows), 2)
     for start in tqdm(range(0, len(jobs), batch_size), desc="mfv", leave=False):
         chunk = jobs[start : start + batch_size]
-        prompt_ids = []
-        for row_index, frame in chunk:
-            user = user_prompt(protocol, rows[row_index].text, frame_options(protocol, frame))
-            chat = chat_messages(user, persona, system_role)
-            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + protocol.think_open
-            prompt_ids.append(tokenizer.encode(text, add_special_tokens=False))
+        prompt_ids = [prompts[job] for job in chunk]
         tail_ids = suffix_ids + prefill_ids
         if think_tokens == 0:
             logits = _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), steering)
