@@ -29,7 +29,7 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from interp_heal.bake import bake
+from interp_heal.bake import bake, fuse_adapters
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
 from interp_heal.errors import ConfigError, DataError, RunLockedError
 from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
@@ -269,7 +269,7 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
         )  # fmt: skip
 
     stage(folder, f"{tag}/heal", train, (round_dir / "adapter", round_dir / "heal.json"))
-    student = healed.get("model", student)
+    student = fuse_adapters(healed["model"]) if "model" in healed else student
     healed_eval = round_dir / "eval_healed.json"
     stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, healed_eval), (healed_eval,))
     stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, round_dir / "demo.jsonl"))
@@ -314,7 +314,7 @@ def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None)
     finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
     for r in finished:  # checked before baking: a damaged adapter must not become the student
         folder.verify(f"round_{r:02d}/heal")
-    student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished])
+    student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished], fuse=True)
     base_eval = json.loads(base_eval_path.read_text())
     for round_index in range(min(config.loop.rounds, max_rounds or config.loop.rounds)):
         student = run_round(ctx, student, round_index)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from interp_heal.bake import adapter_name, bake
+from interp_heal.bake import activate, adapter_name, adapter_names, bake, fuse_adapters
 from interp_heal.config import HealConfig
 from interp_heal.generate import Completion
 from interp_heal.heal import (
@@ -146,14 +146,20 @@ def test_prev_reference_is_the_baked_student_and_base_is_the_true_base(tiny_mode
 # ---------------------------------------------------------------- bake
 
 
-def test_baking_two_adapters_equals_sequential_merge(tiny_model, tokenizer, tmp_path):
-    batch = _batch(tokenizer, _completions(tokenizer)[:2])
+def _saved_random_adapters(tokenizer, tmp_path, n_rounds: int, seed: int) -> list:
+    """Adapter folders of rounds 0..n-1, each trained-looking (random B) on the student of the rounds before."""
     dirs = []
-    for round_index in range(2):
+    for round_index in range(n_rounds):
         model = add_fresh_adapter(bake(build_tiny_llama(len(tokenizer)), dirs), FAST, round_index)
-        _randomise_lora_b(model, adapter_name(round_index), seed=10 + round_index)
+        _randomise_lora_b(model, adapter_name(round_index), seed=seed + round_index)
         save_adapter(model, adapter_name(round_index), tmp_path / f"a{round_index}")
         dirs.append(tmp_path / f"a{round_index}")
+    return dirs
+
+
+def test_baking_two_adapters_equals_sequential_merge(tiny_model, tokenizer, tmp_path):
+    batch = _batch(tokenizer, _completions(tokenizer)[:2])
+    dirs = _saved_random_adapters(tokenizer, tmp_path, n_rounds=2, seed=10)
     stacked = bake(tiny_model, dirs)
     merged = build_tiny_llama(len(tokenizer))
     for directory in dirs:  # sequentially: apply one adapter, merge it into the weights, then the next
@@ -163,6 +169,28 @@ def test_baking_two_adapters_equals_sequential_merge(tiny_model, tokenizer, tmp_
         plain = merged(**batch.model_inputs()).logits - build_tiny_llama(len(tokenizer))(**batch.model_inputs()).logits
     assert delta < 1e-4
     assert plain.abs().max() > 1e-3, "the adapters must actually change the model"
+
+
+def test_fused_adapters_compute_the_stacked_student(tokenizer, tmp_path):
+    """The loop's one fused adapter = the stacked adapters, including when a new round is added and fused again."""
+    batch = _batch(tokenizer, _completions(tokenizer)[:2])
+    dirs = _saved_random_adapters(tokenizer, tmp_path, n_rounds=3, seed=20)
+    with torch.no_grad():
+        stacked = bake(build_tiny_llama(len(tokenizer)), dirs)(**batch.model_inputs()).logits
+        fused_model = bake(build_tiny_llama(len(tokenizer)), dirs, fuse=True)
+        assert adapter_names(fused_model) == ["fused_to_round_02"]
+        torch.testing.assert_close(fused_model(**batch.model_inputs()).logits, stacked, atol=1e-5, rtol=1e-5)
+        with fused_model.disable_adapter():
+            base = build_tiny_llama(len(tokenizer))(**batch.model_inputs()).logits
+            torch.testing.assert_close(fused_model(**batch.model_inputs()).logits, base)
+        two_then_one = bake(build_tiny_llama(len(tokenizer)), dirs[:2], fuse=True)  # as the loop: round 2 trained on it
+        two_then_one.load_adapter(str(dirs[2]), adapter_name=adapter_name(2))
+        activate(two_then_one, adapter_names(two_then_one), trainable=None)
+        refused = fuse_adapters(two_then_one)
+        assert adapter_names(refused) == ["fused_to_round_02"]
+        assert not any(p.requires_grad for p in refused.parameters())
+        torch.testing.assert_close(refused(**batch.model_inputs()).logits, stacked, atol=1e-5, rtol=1e-5)
+    assert (stacked - base).abs().max() > 1e-3, "the adapters must actually change the model"
 
 
 def test_adapter_save_load_round_trip(tiny_model, tokenizer, tmp_path):
