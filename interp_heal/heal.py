@@ -338,6 +338,7 @@ def heal(
     )
     order_rng = random.Random(seed)
     cache = ReferenceCache(config.ref_cache_mb * 2**20)
+    step_state = _StepState(model, forward_module, optimizer, trainable, cache, parallel)
     log_path = out_dir / "train_log.csv" if parallel.is_main else Path(os.devnull)
     bar = tqdm(total=total_steps, desc=name, disable=not parallel.is_main)
     with log_path.open("w", newline="") as handle, bar:
@@ -351,7 +352,6 @@ def heal(
             batches = [(ids, _pad([train[i] for i in ids], tokenizer.pad_token_id, device)) for ids in chunks]
             for first in range(0, len(batches), micro_per_step):
                 group = batches[first : first + micro_per_step]
-                step_state = _StepState(model, forward_module, optimizer, trainable, cache, parallel)
                 row = _optimizer_step(step_state, group, config, lam_eff, name, step, epoch)
                 scheduler.step()
                 writer.writerow(row)
