@@ -235,6 +235,8 @@ def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, thi
     output = steered_generate(
         model, tokenizer, inputs, steering.vector, steering.coeff, return_dict_in_generate=True, **kwargs
     )
+    if output.sequences.shape[1] != batch.input_ids.shape[1] + think_tokens:
+        raise RuntimeError(f"the think stopped early: {output.sequences.shape[1] - batch.input_ids.shape[1]} tokens")
     # generate never feeds its last token back, so the cache holds prompt + think[:-1]
     continuation = torch.cat(
         [output.sequences[:, -1:], torch.tensor([tail_ids] * len(prompt_ids), device=device)], dim=1
@@ -252,8 +254,9 @@ def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, thi
             steering.coeff,
             past_key_values=output.past_key_values,
             use_cache=True,
+            logits_to_keep=prefill_len + 1,
         )
-    return logits[:, -(prefill_len + 1) :]
+    return logits
 
 
 def _frame_prompt_ids(
