@@ -100,8 +100,7 @@ def reply_logprobs(
                     base_logits = base(**batch.scored_inputs()).logits
                 log_p = torch.log_softmax(logits.float(), dim=-1)
                 kl = kl_from_logprobs(log_p, torch.log_softmax(base_logits.float(), dim=-1))
-                mask = batch.target_mask[:, -kl.shape[1] :]
-                kls.extend(kl[b][mask[b]].cpu() for b in range(kl.shape[0]))
+                kls.extend(row.cpu() for row in batch.rows_at_targets(kl))
     return logprobs, kls
 
 

@@ -45,6 +45,11 @@ class PaddedBatch:
         """Rows of a [B, T', ...] tensor (T' <= T trailing positions) at the continuation-predicting positions."""
         return per_position[self.target_mask[:, -per_position.shape[1] :]]
 
+    def rows_at_targets(self, per_position: torch.Tensor) -> list[torch.Tensor]:
+        """`at_targets`, kept apart per row: one 1-D tensor per batch row."""
+        mask = self.target_mask[:, -per_position.shape[1] :]
+        return [per_position[b][mask[b]] for b in range(per_position.shape[0])]
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -89,11 +94,9 @@ def continuation_logprobs(logits: torch.Tensor, batch: PaddedBatch) -> list[torc
 
     `logits` covers all T positions or the last T' of them (a forward with `logits_to_keep`).
     """
-    kept = logits.shape[1]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(-1, target_ids(batch)[:, -kept:].unsqueeze(-1)).squeeze(-1)
-    mask = batch.target_mask[:, -kept:]
-    return [picked[b][mask[b]] for b in range(picked.shape[0])]
+    picked = log_probs.gather(-1, target_ids(batch)[:, -logits.shape[1] :].unsqueeze(-1)).squeeze(-1)
+    return batch.rows_at_targets(picked)
 
 
 def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
