@@ -88,6 +88,27 @@ class RunFolder:
                     f"its entries in {self.root / 'state.json'} to redo it, or rerun with --fresh"
                 )
 
+    def adopt(self, stage: str, donor: RunFolder) -> bool:
+        """Record `stage` as done by copying a donor run's finished files for it; False when the donor has not
+        finished it or recorded no files (there is then nothing to check the copy against)."""
+        entry = donor._state().get(stage)
+        if not entry or not entry.get("sha256"):
+            return False
+        donor.verify(stage)
+        for relative in entry["sha256"]:
+            target = self.root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(donor.root / relative, target)
+        state = self._state()
+        state[stage] = {**entry, "adopted_from": str(donor.root)}
+        write_json(self.root / "state.json", state)
+        self.event("stage_adopted", stage=stage, donor=str(donor.root))
+        return True
+
+    def same_files(self, stage: str, other: RunFolder) -> bool:
+        mine, theirs = self._state().get(stage, {}), other._state().get(stage, {})
+        return bool(mine.get("sha256")) and mine.get("sha256") == theirs.get("sha256")
+
     def stage_seconds(self) -> dict[str, float]:
         return {stage: info["seconds"] for stage, info in self._state().items()}
 
@@ -146,6 +167,41 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
     return RunFolder(root)
+
+
+# Stages that read no `heal` field: runs whose configs differ only in `heal` compute them identically, so a sweep
+# copies them from the first such run instead of recomputing (everything after the first heal depends on it).
+HEAL_INDEPENDENT_STAGES = (
+    "base/eval", "prompt/eval", "base/demo", "round_00/vector", "round_00/collect", "round_00/eval_steered",
+)  # fmt: skip
+
+
+def check_stage_donor(config: Config, donor_root: Path) -> None:
+    """A run may copy stages only from a run folder whose config differs from its own in `heal` alone."""
+    saved = donor_root / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"cannot share stages with {donor_root}: it is not a run folder (no config.yaml)")
+    donor_config = load_config(saved)
+    if donor_config.model_copy(update={"heal": config.heal, "output": config.output}) != config:
+        raise ConfigError(
+            f"cannot share stages with {donor_root}: its config differs outside `heal` "
+            f"({_first_difference(donor_config, config)})"
+        )
+
+
+def adopt_heal_independent_stages(folder: RunFolder, donor: RunFolder) -> list[str]:
+    """Copy the donor run's finished heal-independent stages that `folder` has not done; returns their names.
+    The caller has checked the donor with `check_stage_donor`."""
+    adopted: list[str] = []
+    for name in HEAL_INDEPENDENT_STAGES:  # in order: each may read the ones before it
+        if folder.done(name):
+            if not folder.same_files(name, donor):
+                break  # this run computed it differently: later donor stages would not follow from its files
+        elif folder.adopt(name, donor):
+            adopted.append(name)
+        else:
+            break
+    return adopted
 
 
 def _first_difference(saved: Config, config: Config) -> str:
@@ -272,7 +328,8 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
     student = fuse_adapters(healed["model"]) if "model" in healed else student
     healed_eval = round_dir / "eval_healed.json"
     stage(folder, f"{tag}/eval_healed", lambda: _eval(ctx, student, healed_eval), (healed_eval,))
-    stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, round_dir / "demo.jsonl"))
+    demo = round_dir / "demo.jsonl"
+    stage(folder, f"{tag}/demo", lambda: _demo(ctx, student, demo), (demo,))
     return student
 
 
@@ -284,9 +341,12 @@ def loop_coherence(config: Config, result: dict, base: dict) -> float:
     return math.exp(min(0.0, float(base["neutral_nll"]) - float(result["neutral_nll"])))
 
 
-def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None) -> Path:
+def run_loop(
+    config: Config, fresh: bool = False, max_rounds: int | None = None, share_from: Path | None = None
+) -> Path:
     """Run (or resume) the loop; `max_rounds` stops after that many rounds without changing the config, so a
-    sweep can advance matched runs side by side and a later call carries on to `loop.rounds`.
+    sweep can advance matched runs side by side and a later call carries on to `loop.rounds`. `share_from` is
+    a run folder whose config differs only in `heal`: its finished heal-independent stages are copied, not rerun.
 
     Inputs are checked before anything is written: persona pair, evaluation data, output folder, model.
     """
@@ -294,11 +354,16 @@ def run_loop(config: Config, fresh: bool = False, max_rounds: int | None = None)
     check_eval_inputs(config.eval)
     root = Path(config.output.runs_dir) / config.output.name
     check_writable(root.parent, config.output.min_free_mb)
+    if share_from is not None:
+        check_stage_donor(config, share_from)
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
     base_model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
     with RunFolder(root).locked():
         folder = prepare_run_folder(config, fresh)
+        if share_from is not None:
+            adopted = adopt_heal_independent_stages(folder, RunFolder(share_from))
+            logger.info(f"copied {len(adopted)} finished stage(s) from {share_from}: {adopted}")
         _run_rounds(LoopContext(config, folder, tokenizer, pair, info.name), base_model, max_rounds)
     return root
 
@@ -310,7 +375,8 @@ def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None)
     stage(folder, "base/eval", lambda: _eval(ctx, base_model, base_eval_path), (base_eval_path,))
     prompt_eval = folder.root / "eval_prompt.json"
     stage(folder, "prompt/eval", lambda: _eval(ctx, base_model, prompt_eval, None, ctx.pair.pos), (prompt_eval,))
-    stage(folder, "base/demo", lambda: _demo(ctx, base_model, folder.root / "demo_base.jsonl"))
+    base_demo = folder.root / "demo_base.jsonl"
+    stage(folder, "base/demo", lambda: _demo(ctx, base_model, base_demo), (base_demo,))
     finished = [r for r in range(config.loop.rounds) if folder.done(f"round_{r:02d}/heal")]
     for r in finished:  # checked before baking: a damaged adapter must not become the student
         folder.verify(f"round_{r:02d}/heal")

@@ -2,7 +2,9 @@
 
 `python cli.py sweep -c configs/experiments.yaml` advances the runs breadth-first (round 0 of every run,
 then round 1 of every run, ...), so an interrupted sweep leaves every arm at the same depth, and rerunning
-the command resumes each run folder where it stopped.
+the command resumes each run folder where it stopped. A run whose config differs from an earlier run's only in
+`heal` copies that run's finished heal-independent stages (base evals, round 0 up to the steered eval) instead
+of recomputing them.
 """
 
 from __future__ import annotations
@@ -63,5 +65,15 @@ def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
         for name, config in selected.items():
             if depth <= config.loop.rounds:
                 logger.info(f"sweep: {name} up to round {depth - 1}")
-                folders[name] = run_loop(config, max_rounds=depth)
+                folders[name] = run_loop(config, max_rounds=depth, share_from=_stage_donor(name, selected, folders))
     return folders
+
+
+def _stage_donor(name: str, configs: dict[str, Config], folders: dict[str, Path]) -> Path | None:
+    """An earlier run of this sweep whose config differs only in `heal`: it computed the same base evals and
+    round-0 steered data, so `name` copies those stages instead of recomputing them."""
+    config = configs[name]
+    for other, folder in folders.items():
+        if other != name and configs[other].model_copy(update={"heal": config.heal, "output": config.output}) == config:
+            return folder
+    return None

@@ -1,5 +1,6 @@
 """Sweeps: matched runs advanced breadth-first, resumable, and the experiments report over them."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,9 @@ import yaml
 from typer.testing import CliRunner
 
 from cli import app
+from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
+from interp_heal.loop import HEAL_INDEPENDENT_STAGES, run_loop
 from interp_heal.sweep import sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
@@ -18,7 +21,7 @@ def _sweep_file(tmp_path: Path, runs: dict[str, list[str]], rounds: int = 1) -> 
     path.write_text(yaml.safe_dump({
         "base": str(SMOKE), "runs_dir": str(tmp_path / "runs"), "overrides": [f"loop.rounds={rounds}"],
         "runs": runs, "report_dir": str(tmp_path / "report"),
-    }))  # fmt: skip
+    }, sort_keys=False))  # fmt: skip
     return path
 
 
@@ -51,6 +54,8 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     for name in ("rmse_base", "no_barrier", "rmse_base_seed1"):
         assert (tmp_path / "runs" / name / "round_00" / "eval_healed.json").is_file()
     state = (tmp_path / "runs" / "no_barrier" / "state.json").read_text()
+    assert _adopted(tmp_path / "runs" / "no_barrier") == set(HEAL_INDEPENDENT_STAGES)
+    assert _adopted(tmp_path / "runs" / "rmse_base_seed1") == set(), "another seed shares nothing"
     result = runner.invoke(app, ["sweep", "-c", str(path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "no_barrier" / "state.json").read_text() == state, "a finished sweep reruns nothing"
@@ -60,3 +65,29 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert "| 0 |" in report and "`no_barrier` trait vs the anchor's seed mean" in report
     assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
     assert (tmp_path / "report" / "experiments.csv").read_text().count("\n") == 1 + 3 * 4
+
+
+def _adopted(run: Path) -> set[str]:
+    return {name for name, entry in json.loads((run / "state.json").read_text()).items() if "adopted_from" in entry}
+
+
+def _smoke(runs_dir: Path, name: str, *overrides: str):
+    return load_config(SMOKE, ["loop.rounds=1", f"output.runs_dir={runs_dir}", f"output.name={name}", *overrides])
+
+
+def test_copied_heal_independent_stages_end_as_if_computed(tmp_path):
+    donor = run_loop(_smoke(tmp_path / "sweep", "donor"))
+    sharing = run_loop(_smoke(tmp_path / "sweep", "sharing", "heal.lora_r=4"), share_from=donor)
+    alone = run_loop(_smoke(tmp_path / "alone", "sharing", "heal.lora_r=4"))
+    assert _adopted(sharing) == set(HEAL_INDEPENDENT_STAGES) and _adopted(alone) == set()
+    for name in ("eval_base.json", "round_00/completions.jsonl", "round_00/eval_healed.json", "metrics.csv"):
+        assert (sharing / name).read_bytes() == (alone / name).read_bytes(), name
+    # Control: the heal itself was not copied; its rank differs, so the healed eval must too.
+    assert (sharing / "round_00/eval_healed.json").read_bytes() != (donor / "round_00/eval_healed.json").read_bytes()
+
+
+def test_sharing_stages_across_seeds_is_refused_before_anything_is_written(tmp_path):
+    donor = run_loop(_smoke(tmp_path, "donor"), max_rounds=1)
+    with pytest.raises(ConfigError, match=r"differs outside `heal`.*seed"):
+        run_loop(_smoke(tmp_path, "other_seed", "seed=1"), share_from=donor)
+    assert not (tmp_path / "other_seed").exists()
