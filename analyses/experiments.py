@@ -21,11 +21,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analyses.project_adapters import adapter_file_projection
 from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text, read_jsonl
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.report import metric_rows, save_figure
+from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
 OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
@@ -56,7 +58,20 @@ def read_run(name: str, config: Config) -> Run | None:
         return None
     diary_files = [root / "demo_base.jsonl", *sorted(root.glob("round_*/demo.jsonl"))]
     diary = [read_jsonl(path)[0]["completion"] for path in diary_files if path.is_file()]
-    return Run(name, config, metric_rows(root, config), diary)
+    rows = metric_rows(root, config)
+    for row in rows:
+        if str(row["stage"]).startswith("healed"):
+            row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
+    return Run(name, config, rows, diary)
+
+
+def adapter_write_share(round_dir: Path) -> float:
+    """Mean over the adapter's residual writers of ||v^T dW|| / ||dW|| with this round's vector (a random
+    direction gives ~1/sqrt(d)); NaN when the round has no saved adapter."""
+    if not (round_dir / "adapter" / "adapter_config.json").is_file():
+        return math.nan
+    rows = adapter_file_projection(round_dir / "adapter", SteeringVector.load(round_dir / "vector.safetensors"))
+    return sum(float(row["write_share"]) for row in rows) / len(rows) if rows else math.nan
 
 
 def most_moved_off_target(run: Run, stage: str) -> str:
@@ -98,8 +113,9 @@ def round_table(run: Run) -> list[str]:
     lines = [
         f"#### `{run.name}` ({_describe(run.config)})", "",
         "| round | trait steered | trait healed [95% CI] | coherence healed | answer mass | care / auth nats | "
-        "most-moved off-target | kept frac | neutral KL mean / rmse / p95 / max | cos(v_r, v_0) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "most-moved off-target | kept frac | neutral KL mean / rmse / p95 / max | adapter write share on v_r | "
+        "cos(v_r, v_0) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in run.rounds():
         healed, steered = f"healed {r}", f"steered {r}"
@@ -110,7 +126,7 @@ def round_table(run: Run) -> list[str]:
             f"| {_f(run.value(healed, 'loop_coherence'))} | {_f(run.value(healed, 'coherence'))} "
             f"| {_f(run.value(healed, 'care_nats'), 2)} / {_f(run.value(healed, 'auth_nats'), 2)} "
             f"| {most_moved_off_target(run, healed)} | {_f(run.value(steered, 'keep_rate'), 2)} | {kl} "
-            f"| {_f(run.value(steered, 'vector_cos_r0'))} |"
+            f"| {_f(run.value(healed, 'adapter_write_share'))} | {_f(run.value(steered, 'vector_cos_r0'))} |"
         )
     return [*lines, ""]
 
@@ -226,6 +242,14 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
 # ---------------------------------------------------------------- the report
 
 
+def _random_share_note(run: Run) -> str:
+    path = Path(run.config.output.runs_dir) / run.config.output.name / "round_00" / "vector.safetensors"
+    if not path.is_file():
+        return "a random direction gives ~1/sqrt(d)"
+    width = SteeringVector.load(path).directions.shape[-1]
+    return f"a random direction gives ~1/sqrt(d) = {1 / math.sqrt(width):.3f} (d = {width})"
+
+
 def diary_line(run: Run) -> str:
     entries = [f"[{'base' if i == 0 else f'round {i - 1}'}] {' '.join(answer.split())[:160]}"
                for i, answer in enumerate(run.diary)]  # fmt: skip
@@ -233,7 +257,8 @@ def diary_line(run: Run) -> str:
 
 
 def experiments_csv(runs: dict[str, Run]) -> str:
-    fields = ["run", *runs[next(iter(runs))].rows[0].keys()] if runs else ["run"]
+    keys = {key: None for run in runs.values() for row in run.rows for key in row}  # ordered union
+    fields = ["run", *keys]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -273,7 +298,9 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "135M it separates the love personas and not a placebo pair (`tests/test_embedded.py`, README "
         "'Evaluate'), which MFV does not (answer-token mass and top-1 agreement at chance, "
         "`reports/mfv_smollm2/`), so the MFV columns below are reported but carry no verdict. Coherence: "
-        "exp(base NLL - NLL) on fixed neutral answers, 1 = as fluent as the base.",
+        "exp(base NLL - NLL) on fixed neutral answers, 1 = as fluent as the base. Adapter write share: mean over "
+        "the LoRA modules that write to the residual stream (o_proj, down_proj) of ||v^T dW|| / ||dW|| with the "
+        f"round's unit vector; {_random_share_note(runs[anchor])}.",
         "",
         *healing_vs_prompting(runs, anchor),
         "![Q1](q1_healing_vs_prompting.png)",

@@ -12,7 +12,9 @@ For a loop run folder, per round r:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import plotly.graph_objects as go
 import torch
 from peft.tuners.lora import LoraLayer
 from plotly.subplots import make_subplots
+from safetensors.torch import load_file
 from torch import nn
 
 from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
@@ -55,8 +58,20 @@ def activation_projection(delta: torch.Tensor, vector: SteeringVector, layers: l
     return {"cos": cosines, "projection": projections, "share": shares}
 
 
+def write_alignment(delta_w: torch.Tensor, direction: torch.Tensor) -> dict[str, float]:
+    """How much a weight update writes along a residual direction: ||v^T dW|| / ||dW|| (a random unit
+    direction gives about 1/sqrt(d)) and |cos| of dW's top output direction with v."""
+    delta_w, v = delta_w.detach().float(), _unit(direction.float())
+    norm = float(delta_w.norm())
+    top_output = torch.linalg.svd(delta_w, full_matrices=False).U[:, 0]
+    return {
+        "write_share": float((v @ delta_w).norm()) / norm if norm > 0 else 0.0,
+        "top_direction_cos": abs(float(top_output @ v)),
+    }
+
+
 def weight_projection(model: nn.Module, name: str, vector: SteeringVector) -> list[dict[str, object]]:
-    """For each residual-writing LoRA module of adapter `name`: how much dW writes along v at its layer."""
+    """For each residual-writing LoRA module of adapter `name` in a loaded model: `write_alignment` at its layer."""
     rows = []
     for layer_index, layer in enumerate(decoder_layers(model)):
         for module_name, module in layer.named_modules():
@@ -66,15 +81,28 @@ def weight_projection(model: nn.Module, name: str, vector: SteeringVector) -> li
                 continue
             with torch.no_grad():
                 delta_w = module.scaling[name] * (module.lora_B[name].weight @ module.lora_A[name].weight)
-            v = _unit(vector.directions[layer_index]).to(delta_w)
-            top_output = torch.linalg.svd(delta_w.detach().float(), full_matrices=False).U[:, 0]
-            norm = float(delta_w.norm())
-            rows.append({
-                "layer": layer_index, "module": module_name.split(".")[-1],
-                "write_share": float((v @ delta_w).norm()) / norm if norm > 0 else 0.0,
-                "top_direction_cos": abs(float(top_output @ v.float())),
-            })  # fmt: skip
+            alignment = write_alignment(delta_w, vector.directions[layer_index])
+            rows.append({"layer": layer_index, "module": module_name.split(".")[-1], **alignment})
     return rows
+
+
+_LORA_KEY = re.compile(rf"layers\.(\d+)\..*\b({'|'.join(RESIDUAL_WRITERS)})\.lora_([AB])\.weight$")
+
+
+def adapter_file_projection(adapter_dir: Path, vector: SteeringVector) -> list[dict[str, object]]:
+    """`weight_projection` read from a saved peft adapter folder, without loading the model."""
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text())
+    rank, alpha = settings["r"], settings["lora_alpha"]
+    scaling = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
+    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        if match := _LORA_KEY.search(key):
+            factors.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
+    return [
+        {"layer": layer, "module": module,
+         **write_alignment(scaling * (pair["B"] @ pair["A"]), vector.directions[layer])}
+        for (layer, module), pair in sorted(factors.items())
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)

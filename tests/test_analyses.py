@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from analyses.diag_axis import axis_table, evaluations_from_run
 from analyses.diffs import diff_round, direction_shares, format_diffs, incoherence_basis, read_round, run_diffs
 from analyses.logit_lens import bridge_readout, hf_readout, run_logit_lens, vector_lens
-from analyses.project_adapters import held_out_contexts, project_adapters
+from analyses.project_adapters import adapter_file_projection, held_out_contexts, project_adapters, write_alignment
 from cli import app
 from interp_heal.bake import bake, finished_rounds
 from interp_heal.config import load_config
@@ -63,6 +63,28 @@ def test_project_adapters_on_smoke_run(smoke_run, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "project_adapters.json").read_text())
     assert len(saved["rounds"]) == 2 and (tmp_path / "project_adapters.html").is_file()
+    # The same numbers from the saved adapter files alone (what the experiments report reads).
+    for r in (0, 1):
+        round_dir = smoke_run / f"round_{r:02d}"
+        vector = SteeringVector.load(round_dir / "vector.safetensors")
+        from_files = adapter_file_projection(round_dir / "adapter", vector)
+        from_model = sorted(projection.rounds[r]["weights"], key=lambda w: (w["layer"], w["module"]))
+        assert [(w["layer"], w["module"]) for w in from_files] == [(w["layer"], w["module"]) for w in from_model]
+        for mine, reference in zip(from_files, from_model, strict=True):
+            assert mine["write_share"] == pytest.approx(reference["write_share"], rel=1e-4)
+            assert mine["top_direction_cos"] == pytest.approx(reference["top_direction_cos"], rel=1e-4)
+
+
+def test_write_alignment_of_updates_along_and_across_a_direction():
+    torch.manual_seed(0)
+    direction, inputs = torch.randn(16), torch.randn(8)
+    along = write_alignment(torch.outer(3 * direction, inputs), direction)
+    assert along["write_share"] == pytest.approx(1.0) and along["top_direction_cos"] == pytest.approx(1.0)
+    across = torch.randn(16)
+    across -= (across @ direction) / (direction @ direction) * direction
+    orthogonal = write_alignment(torch.outer(across, inputs), direction)
+    assert orthogonal["write_share"] == pytest.approx(0.0, abs=1e-5)
+    assert orthogonal["top_direction_cos"] == pytest.approx(0.0, abs=1e-5)
 
 
 # ---------------------------------------------------------------- diffs

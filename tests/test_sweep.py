@@ -1,5 +1,6 @@
 """Sweeps: matched runs advanced breadth-first, resumable, and the experiments report over them."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert "| 0 |" in report and "`no_barrier` trait vs the anchor's seed mean" in report
     assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
     assert (tmp_path / "report" / "experiments.csv").read_text().count("\n") == 1 + 3 * 4
+    rows = list(csv.DictReader((tmp_path / "report" / "experiments.csv").open()))
+    healed = [row for row in rows if row["stage"].startswith("healed")]
+    assert len(healed) == 3 and all(0 < float(row["adapter_write_share"]) <= 1 for row in healed)
+    assert "adapter write share on v_r" in report
 
 
 def _adopted(run: Path) -> set[str]:
