@@ -91,14 +91,32 @@ def seed_group(runs: dict[str, Run], anchor: str) -> list[Run]:
             == base]  # fmt: skip
 
 
-def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[int, tuple[float, float, float]]:
-    """Per round: (mean, min, max) of `key` over the seeds that reached that round."""
+@dataclass(frozen=True)
+class Band:
+    """One readout at one round over the seeds that reached it."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """max - min over the seeds; NaN with fewer than two, where there is no noise floor to compare with."""
+        return self.high - self.low if self.n >= 2 else math.nan
+
+
+NO_BAND = Band(math.nan, math.nan, math.nan, 0)
+
+
+def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[int, Band]:
+    """Per round: mean, min and max of `key` over the seeds that reached that round."""
     band = {}
     for r in sorted({r for run in group for r in run.rounds()}):
         values = [run.value(f"{stage_prefix} {r}", key) for run in group]
         values = [v for v in values if not math.isnan(v)]
         if values:
-            band[r] = (sum(values) / len(values), min(values), max(values))
+            band[r] = Band(sum(values) / len(values), min(values), max(values), len(values))
     return band
 
 
@@ -152,17 +170,19 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
         f"[{_f(prompt.value('prompt-baseline', 'trait_ci_low'))}, {_f(prompt_high)}], coherence "
         f"{_f(prompt.value('prompt-baseline', 'loop_coherence'))} (the base model's own fluency, capped at 1). Healed "
         f"`{anchor}` over {len(group)} seed(s), mean [min, max] per round:", "",
-        "| round | healed trait | healed coherence | beats the baseline's upper CI in every seed? |",
+        "| round | healed trait (seeds) | healed coherence | beats the baseline's upper CI in every seed? |",
         "|---|---|---|---|",
     ]  # fmt: skip
-    for r, (mean, low, high) in trait.items():
-        c_mean, c_low, c_high = coherence.get(r, (math.nan,) * 3)
-        verdict = "yes" if low > prompt_high else "no"
-        band = f"{_f(c_mean)} [{_f(c_low)}, {_f(c_high)}]"
-        lines.append(f"| {r} | {_f(mean)} [{_f(low)}, {_f(high)}] | {band} | {verdict} |")
-    beaten = [r for r, (_, low, _) in trait.items() if low > prompt_high]
+    for r, band in trait.items():
+        c = coherence.get(r, NO_BAND)
+        verdict = "yes" if band.low > prompt_high else "no"
+        lines.append(
+            f"| {r} | {_f(band.mean)} [{_f(band.low)}, {_f(band.high)}] ({band.n}) "
+            f"| {_f(c.mean)} [{_f(c.low)}, {_f(c.high)}] | {verdict} |"
+        )
+    beaten = [r for r, band in trait.items() if band.low > prompt_high]
     prompt_coherence = prompt.value("prompt-baseline", "loop_coherence")
-    matched = [r for r in beaten if coherence.get(r, (math.nan,) * 3)[1] >= prompt_coherence]
+    matched = [r for r in beaten if coherence.get(r, NO_BAND).low >= prompt_coherence]
     if not beaten:
         answer = "no: in no round does the healed trait exceed the prompting baseline's upper CI in every seed."
     else:
@@ -179,33 +199,37 @@ def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: st
     noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
     present = [arm for arm in arms if arm in runs]
     header = " | ".join(f"{arm} trait / coh" for arm in present)
-    lines = [f"## {title}", "", f"| round | {header} | seed spread trait / coh ({len(group)} seeds) |",
+    lines = [f"## {title}", "", f"| round | {header} | anchor seed spread trait / coh (seeds) |",
              "|---|" + "---|" * len(present) + "---|"]  # fmt: skip
     rounds = sorted({r for arm in present for r in runs[arm].rounds()})
     for r in rounds:
         cells = [f"{_f(runs[a].value(f'healed {r}', 'trait_log_odds'))} / "
                  f"{_f(runs[a].value(f'healed {r}', 'loop_coherence'))}" for a in present]  # fmt: skip
-        spread = [noise[k].get(r, (math.nan,) * 3) for k in ("trait_log_odds", "loop_coherence")]
-        widths = " / ".join(_f(high - low) for _, low, high in spread)
+        bands = [noise[key].get(r, NO_BAND) for key in ("trait_log_odds", "loop_coherence")]
+        widths = f"{_f(bands[0].spread)} / {_f(bands[1].spread)} ({bands[0].n})"
         lines.append(f"| {r} | {' | '.join(cells)} | {widths} |")
     lines += ["", *differences(runs, [arm for arm in present if arm != anchor], noise), ""]
     return lines
 
 
-def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict]) -> list[str]:
-    """Per arm, the rounds where its healed coherence / trait differs from the anchor's seed mean by more than
-    the seed spread."""
+def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int, Band]]) -> list[str]:
+    """Per arm and round, its healed coherence / trait minus the anchor's seed mean, and whether that exceeds
+    the anchor's seed spread (it cannot be judged where fewer than two seeds reached the round)."""
     lines = []
     for arm in arms:
         for key, label in (("loop_coherence", "coherence"), ("trait_log_odds", "trait")):
-            beyond = []
+            cells = []
             for r in runs[arm].rounds():
-                mean, low, high = noise[key].get(r, (math.nan,) * 3)
-                value = runs[arm].value(f"healed {r}", key)
-                if not math.isnan(value) and not math.isnan(mean) and high - low > 0 and abs(value - mean) > high - low:
-                    beyond.append(f"round {r}: {value - mean:+.3f}")
-            verdict = ", ".join(beyond) if beyond else "none beyond the seed spread"
-            lines.append(f"- `{arm}` {label} vs the anchor's seed mean: {verdict}")
+                band, value = noise[key].get(r, NO_BAND), runs[arm].value(f"healed {r}", key)
+                if math.isnan(value) or math.isnan(band.mean):
+                    continue
+                if math.isnan(band.spread):
+                    judged = "no noise floor: 1 seed"
+                else:
+                    judged = "beyond" if abs(value - band.mean) > band.spread else "within"
+                    judged += f" the seed spread {band.spread:.3f}"
+                cells.append(f"round {r}: {value - band.mean:+.3f} ({judged})")
+            lines.append(f"- `{arm}` {label} minus the anchor's seed mean: {'; '.join(cells) or 'no shared rounds'}")
     if not any(len(run.rounds()) for run in runs.values()):
         lines.append("- no finished rounds yet")
     return lines
@@ -220,8 +244,8 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
     for col, key in ((1, "trait_log_odds"), (2, "loop_coherence")):
         band = seed_band(group, key)
         rounds = list(band)
-        figure.add_trace(go.Scatter(x=rounds + rounds[::-1], y=[band[r][2] for r in rounds] +
-                                    [band[r][1] for r in rounds[::-1]], fill="toself", fillcolor="rgba(0,0,0,0.12)",
+        figure.add_trace(go.Scatter(x=rounds + rounds[::-1], y=[band[r].high for r in rounds] +
+                                    [band[r].low for r in rounds[::-1]], fill="toself", fillcolor="rgba(0,0,0,0.12)",
                                     line={"width": 0}, name=f"{anchor}: seed range", showlegend=col == 1),
                          row=1, col=col)  # fmt: skip
         for arm in arms:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from analyses.experiments import Run, differences, seed_band, seed_group
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
@@ -63,7 +64,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     report = (tmp_path / "report" / "experiments.md").read_text()
     assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 of 1 rounds)" in report
     assert "over 2 seed(s)" in report, "the seed variant must join the anchor's noise floor"
-    assert "| 0 |" in report and "`no_barrier` trait vs the anchor's seed mean" in report
+    assert "| 0 |" in report and "`no_barrier` trait minus the anchor's seed mean: round 0:" in report
     assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
     assert (tmp_path / "report" / "experiments.csv").read_text().count("\n") == 1 + 3 * 4
     rows = list(csv.DictReader((tmp_path / "report" / "experiments.csv").open()))
@@ -96,3 +97,25 @@ def test_sharing_stages_across_seeds_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ConfigError, match=r"differs outside `heal`.*seed"):
         run_loop(_smoke(tmp_path, "other_seed", "seed=1"), share_from=donor)
     assert not (tmp_path / "other_seed").exists()
+
+
+def _metrics_run(name: str, trait: float, coherence: float, *overrides: str) -> Run:
+    config = load_config(SMOKE, [*overrides, f"output.name={name}"])
+    return Run(name, config, [{"stage": "healed 0", "round": 0, "trait_log_odds": trait, "loop_coherence": coherence}],
+               [])  # fmt: skip
+
+
+def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_one():
+    anchor, arm = _metrics_run("rmse_base", 1.00, 0.90), _metrics_run("mean_base", 0.90, 0.80, "heal.agg=mean")
+    runs = {"rmse_base": anchor, "mean_base": arm}
+
+    def judged(runs: dict[str, Run]) -> str:
+        group = seed_group(runs, "rmse_base")
+        noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+        return "\n".join(differences(runs, ["mean_base"], noise))
+
+    assert "round 0: -0.100 (no noise floor: 1 seed)" in judged(runs)
+    runs["rmse_base_seed1"] = _metrics_run("rmse_base_seed1", 1.02, 0.88, "seed=1")  # spread 0.02 around 1.01 / 0.89
+    assert "coherence minus the anchor's seed mean: round 0: -0.090 (beyond the seed spread 0.020)" in judged(runs)
+    runs["rmse_base_seed2"] = _metrics_run("rmse_base_seed2", 0.80, 0.70, "seed=2")  # now a spread of 0.22 / 0.20
+    assert "trait minus the anchor's seed mean: round 0: -0.040 (within the seed spread 0.220)" in judged(runs)
