@@ -127,25 +127,39 @@ def _f(value: float, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def round_table(run: Run) -> list[str]:
-    lines = [
-        f"#### `{run.name}` ({_describe(run.config)})", "",
-        "| round | trait steered | trait healed [95% CI] | coherence healed | answer mass | care / auth nats | "
-        "most-moved off-target | kept frac | neutral KL mean / rmse / p95 / max | adapter write share on v_r | "
-        "cos(v_r, v_0) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+def distilled_fraction(run: Run, r: int) -> float:
+    """How much of round r's steering effect on the trait the healed student kept: (healed_r - start) /
+    (steered_r - start), where start is the trait of the model that round steered (the base for round 0)."""
+    start = run.value("base" if r == 0 else f"healed {r - 1}", "trait_log_odds")
+    push = run.value(f"steered {r}", "trait_log_odds") - start
+    return (run.value(f"healed {r}", "trait_log_odds") - start) / push if abs(push) > 1e-9 else math.nan
+
+
+ROUND_COLUMNS = (
+    "round", "trait steered", "trait healed [95% CI]", "distilled", "coherence healed", "answer mass",
+    "care / auth nats", "most-moved off-target", "kept frac", "neutral KL mean / rmse / p95 / max",
+    "adapter write share on v_r", "cos(v_r, v_0)",
+)  # fmt: skip
+
+
+def round_cells(run: Run, r: int) -> list[str]:
+    healed, steered = f"healed {r}", f"steered {r}"
+    ci = f"[{_f(run.value(healed, 'trait_ci_low'))}, {_f(run.value(healed, 'trait_ci_high'))}]"
+    return [
+        str(r), _f(run.value(steered, "trait_log_odds")), f"{_f(run.value(healed, 'trait_log_odds'))} {ci}",
+        _f(distilled_fraction(run, r), 2), _f(run.value(healed, "loop_coherence")),
+        _f(run.value(healed, "coherence")),
+        f"{_f(run.value(healed, 'care_nats'), 2)} / {_f(run.value(healed, 'auth_nats'), 2)}",
+        most_moved_off_target(run, healed), _f(run.value(steered, "keep_rate"), 2),
+        " / ".join(_f(run.value(healed, f"neutral_kl_{agg}")) for agg in ("mean", "rmse", "p95", "max")),
+        _f(run.value(healed, "adapter_write_share")), _f(run.value(steered, "vector_cos_r0")),
     ]  # fmt: skip
-    for r in run.rounds():
-        healed, steered = f"healed {r}", f"steered {r}"
-        ci = f"[{_f(run.value(healed, 'trait_ci_low'))}, {_f(run.value(healed, 'trait_ci_high'))}]"
-        kl = " / ".join(_f(run.value(healed, f"neutral_kl_{agg}")) for agg in ("mean", "rmse", "p95", "max"))
-        lines.append(
-            f"| {r} | {_f(run.value(steered, 'trait_log_odds'))} | {_f(run.value(healed, 'trait_log_odds'))} {ci} "
-            f"| {_f(run.value(healed, 'loop_coherence'))} | {_f(run.value(healed, 'coherence'))} "
-            f"| {_f(run.value(healed, 'care_nats'), 2)} / {_f(run.value(healed, 'auth_nats'), 2)} "
-            f"| {most_moved_off_target(run, healed)} | {_f(run.value(steered, 'keep_rate'), 2)} | {kl} "
-            f"| {_f(run.value(healed, 'adapter_write_share'))} | {_f(run.value(steered, 'vector_cos_r0'))} |"
-        )
+
+
+def round_table(run: Run) -> list[str]:
+    lines = [f"#### `{run.name}` ({_describe(run.config)})", "", f"| {' | '.join(ROUND_COLUMNS)} |",
+             "|" + "---|" * len(ROUND_COLUMNS)]  # fmt: skip
+    lines += [f"| {' | '.join(round_cells(run, r))} |" for r in run.rounds()]
     return [*lines, ""]
 
 
@@ -322,7 +336,9 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "135M it separates the love personas and not a placebo pair (`tests/test_embedded.py`, README "
         "'Evaluate'), which MFV does not (answer-token mass and top-1 agreement at chance, "
         "`reports/mfv_smollm2/`), so the MFV columns below are reported but carry no verdict. Coherence: "
-        "exp(base NLL - NLL) on fixed neutral answers, 1 = as fluent as the base. Adapter write share: mean over "
+        "exp(base NLL - NLL) on fixed neutral answers, 1 = as fluent as the base. Distilled: (healed_r - start) / "
+        "(steered_r - start) on the trait, start = the model round r steered (the base, then healed_{r-1}); 1 = "
+        "the healed student kept all of that round's steering effect. Adapter write share: mean over "
         "the LoRA modules that write to the residual stream (o_proj, down_proj) of ||v^T dW|| / ||dW|| with the "
         f"round's unit vector; {_random_share_note(runs[anchor])}.",
         "",

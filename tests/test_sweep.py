@@ -2,13 +2,14 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analyses.experiments import Run, differences, seed_band, seed_group
+from analyses.experiments import ROUND_COLUMNS, Run, differences, distilled_fraction, round_cells, seed_band, seed_group
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
@@ -119,3 +120,13 @@ def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_o
     assert "coherence minus the anchor's seed mean: round 0: -0.090 (beyond the seed spread 0.020)" in judged(runs)
     runs["rmse_base_seed2"] = _metrics_run("rmse_base_seed2", 0.80, 0.70, "seed=2")  # now a spread of 0.22 / 0.20
     assert "trait minus the anchor's seed mean: round 0: -0.040 (within the seed spread 0.220)" in judged(runs)
+
+
+def test_distilled_fraction_measures_each_round_from_the_model_it_steered():
+    traits = {"base": 0.5, "steered 0": 1.5, "healed 0": 1.0, "steered 1": 1.0, "healed 1": 1.0}
+    rows = [{"stage": stage, "round": int(stage[-1]) if stage[-1].isdigit() else -1, "trait_log_odds": trait}
+            for stage, trait in traits.items()]  # fmt: skip
+    run = Run("rmse_base", load_config(SMOKE), rows, [])
+    assert distilled_fraction(run, 0) == pytest.approx(0.5)  # half of the push from 0.5 to 1.5
+    assert math.isnan(distilled_fraction(run, 1)), "a round whose steering did not move the trait has no fraction"
+    assert round_cells(run, 0)[ROUND_COLUMNS.index("distilled")] == "0.50"
