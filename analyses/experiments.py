@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analyses.project_adapters import adapter_file_projection
@@ -253,7 +254,11 @@ def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int
 
 
 def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) -> go.Figure:
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("healed trait log-odds", "healed coherence"))
+    """Healed trait and coherence per round (the anchor's seed range shaded), and the trade-off between them."""
+    figure = make_subplots(rows=1, cols=3, subplot_titles=(
+        "healed trait log-odds", "healed coherence", "trade-off: coherence vs trait (healed, by round)"))  # fmt: skip
+    present = [arm for arm in arms if arm in runs]
+    colors = {arm: qualitative.Plotly[i % len(qualitative.Plotly)] for i, arm in enumerate(present)}
     group = seed_group(runs, anchor)
     for col, key in ((1, "trait_log_odds"), (2, "loop_coherence")):
         band = seed_band(group, key)
@@ -262,18 +267,31 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
                                     [band[r].low for r in rounds[::-1]], fill="toself", fillcolor="rgba(0,0,0,0.12)",
                                     line={"width": 0}, name=f"{anchor}: seed range", showlegend=col == 1),
                          row=1, col=col)  # fmt: skip
-        for arm in arms:
-            if arm in runs:
-                run = runs[arm]
-                figure.add_trace(go.Scatter(x=run.rounds(), y=[run.value(f"healed {r}", key) for r in run.rounds()],
-                                            mode="lines+markers", name=arm, showlegend=col == 1,
-                                            legendgroup=arm), row=1, col=col)  # fmt: skip
+        for arm in present:
+            run = runs[arm]
+            figure.add_trace(go.Scatter(x=run.rounds(), y=[run.value(f"healed {r}", key) for r in run.rounds()],
+                                        mode="lines+markers", name=arm, showlegend=col == 1, legendgroup=arm,
+                                        line={"color": colors[arm]}), row=1, col=col)  # fmt: skip
+    for arm in present:
+        run = runs[arm]
+        figure.add_trace(go.Scatter(
+            x=[run.value(f"healed {r}", "trait_log_odds") for r in run.rounds()],
+            y=[run.value(f"healed {r}", "loop_coherence") for r in run.rounds()],
+            text=[str(r) for r in run.rounds()], mode="lines+markers+text", textposition="top center", name=arm,
+            showlegend=False, legendgroup=arm, line={"color": colors[arm]}), row=1, col=3)  # fmt: skip
     prompt = runs[anchor]
+    figure.add_trace(go.Scatter(x=[prompt.value("prompt-baseline", "trait_log_odds")],
+                                y=[prompt.value("prompt-baseline", "loop_coherence")], mode="markers",
+                                marker={"symbol": "x", "size": 12, "color": "black"}, name="prompting baseline"),
+                     row=1, col=3)  # fmt: skip
     figure.add_hline(y=prompt.value("prompt-baseline", "trait_log_odds"), line_dash="dash",
                      annotation_text="prompting baseline", row=1, col=1)  # fmt: skip
     figure.add_hline(y=prompt.config.loop.coh_floor, line_dash="dot", annotation_text="floor", row=1, col=2)
-    figure.update_xaxes(title_text="round")
-    figure.update_layout(width=1300, height=450, title=title)
+    figure.update_xaxes(title_text="round", row=1, col=1)
+    figure.update_xaxes(title_text="round", row=1, col=2)
+    figure.update_xaxes(title_text="healed trait log-odds", row=1, col=3)
+    figure.update_yaxes(title_text="healed coherence", row=1, col=3)
+    figure.update_layout(width=1800, height=480, title=title)
     return figure
 
 
