@@ -176,13 +176,18 @@ HEAL_INDEPENDENT_STAGES = (
 )  # fmt: skip
 
 
+def differs_only_in_heal(config: Config, other: Config) -> bool:
+    """True when the two runs compute the same HEAL_INDEPENDENT_STAGES (where a run lives does not count)."""
+    return other.model_copy(update={"heal": config.heal, "output": config.output}) == config
+
+
 def check_stage_donor(config: Config, donor_root: Path) -> None:
     """A run may copy stages only from a run folder whose config differs from its own in `heal` alone."""
     saved = donor_root / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"cannot share stages with {donor_root}: it is not a run folder (no config.yaml)")
     donor_config = load_config(saved)
-    if donor_config.model_copy(update={"heal": config.heal, "output": config.output}) != config:
+    if not differs_only_in_heal(config, donor_config):
         raise ConfigError(
             f"cannot share stages with {donor_root}: its config differs outside `heal` "
             f"({_first_difference(donor_config, config)})"

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError
 
 from interp_heal.config import Config, Section, load_config
 from interp_heal.errors import ConfigError
-from interp_heal.loop import run_loop
+from interp_heal.loop import differs_only_in_heal, run_loop
 
 
 class SweepConfig(Section):
@@ -74,6 +74,6 @@ def _stage_donor(name: str, configs: dict[str, Config], folders: dict[str, Path]
     round-0 steered data, so `name` copies those stages instead of recomputing them."""
     config = configs[name]
     for other, folder in folders.items():
-        if other != name and configs[other].model_copy(update={"heal": config.heal, "output": config.output}) == config:
+        if other != name and differs_only_in_heal(config, configs[other]):
             return folder
     return None
