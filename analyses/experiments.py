@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,38 @@ def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[
 
 
 # ---------------------------------------------------------------- tables
+
+
+def aggregate_ratio(train_log: Path, agg: str, reference: str = "rmse", floor: float = 0.05) -> float:
+    """Median over training steps of the `agg` KL aggregate over the `reference` one, read from a heal
+    train_log.csv. Steps where the reference is below `floor` are skipped: early on the student still equals
+    the base and the ratio divides noise by noise. tau_ref x ratio is the tau at which an `agg` barrier starts
+    to bind on the same KL profile where a `reference` barrier at tau_ref does."""
+    with train_log.open() as handle:
+        ratios = [float(row[f"kl_{agg}"]) / float(row[f"kl_{reference}"]) for row in csv.DictReader(handle)
+                  if float(row[f"kl_{reference}"]) > floor]  # fmt: skip
+    if not ratios:
+        raise DataError(f"{train_log}: no step with kl_{reference} > {floor}; nothing to compare {agg} against")
+    return statistics.median(ratios)
+
+
+def barrier_scale_note(run: Run, aggregates: tuple[str, ...] = ("mean", "p95")) -> list[str]:
+    """How strongly each aggregate binds at equal tau, measured on the KL profiles of `run`'s own training."""
+    root = Path(run.config.output.runs_dir) / run.config.output.name
+    logs = {r: root / f"round_{r:02d}" / "train_log.csv" for r in run.rounds()}
+    logs = {r: log for r, log in logs.items() if log.is_file()}
+    if not logs:
+        return []
+    cells = [f"{agg} / rmse = " + ", ".join(f"{aggregate_ratio(log, agg):.2f}" for log in logs.values())
+             for agg in aggregates]  # fmt: skip
+    return [
+        f"Barrier strength at equal tau: median per training step of each KL aggregate over the rmse one, in "
+        f"`{run.name}`'s heal logs of rounds {list(logs)}: {'; '.join(cells)}. "
+        "At equal tau a barrier on a smaller aggregate binds later (weaker), on a larger one earlier (stronger), so "
+        "same-tau arms confound the aggregate's shape with its strength; arms whose tau is the anchor's tau times "
+        "the round-0 ratio start to bind where the rmse barrier does.",
+        "",
+    ]
 
 
 def _f(value: float, digits: int = 3) -> str:
@@ -364,6 +397,7 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "![Q1](q1_healing_vs_prompting.png)",
         "",
         *arm_comparison(runs, anchor, barrier_arms, "Q2: does the rmse barrier hold coherence where mean does not?"),
+        *barrier_scale_note(runs[anchor]),
         "![Q2](q2_barrier_aggregate.png)",
         "",
         *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),

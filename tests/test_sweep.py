@@ -9,10 +9,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analyses.experiments import ROUND_COLUMNS, Run, differences, distilled_fraction, round_cells, seed_band, seed_group
+from analyses.experiments import (
+    ROUND_COLUMNS,
+    Run,
+    aggregate_ratio,
+    differences,
+    distilled_fraction,
+    round_cells,
+    seed_band,
+    seed_group,
+)
 from cli import app
 from interp_heal.config import load_config
-from interp_heal.errors import ConfigError
+from interp_heal.errors import ConfigError, DataError
 from interp_heal.loop import HEAL_INDEPENDENT_STAGES, run_loop
 from interp_heal.sweep import sweep_configs
 
@@ -130,3 +139,14 @@ def test_distilled_fraction_measures_each_round_from_the_model_it_steered():
     assert distilled_fraction(run, 0) == pytest.approx(0.5)  # half of the push from 0.5 to 1.5
     assert math.isnan(distilled_fraction(run, 1)), "a round whose steering did not move the trait has no fraction"
     assert round_cells(run, 0)[ROUND_COLUMNS.index("distilled")] == "0.50"
+
+
+def test_aggregate_ratio_is_the_median_over_steps_past_the_noise_floor(tmp_path):
+    log = tmp_path / "train_log.csv"
+    rows = [(0.0, 0.0, 0.0), (0.001, 0.01, 0.003), (0.3, 0.4, 0.8), (0.35, 0.5, 1.1), (0.6, 0.75, 1.4)]
+    log.write_text("step,kl_mean,kl_rmse,kl_p95\n" + "".join(f"{i},{m},{r},{p}\n" for i, (m, r, p) in enumerate(rows)))
+    # the first two steps sit below the 0.05 floor (the student still equals the base) and would skew the ratio
+    assert aggregate_ratio(log, "mean") == pytest.approx(0.75)  # median of 0.75, 0.70, 0.80
+    assert aggregate_ratio(log, "p95") == pytest.approx(2.0)  # median of 2.0, 2.2, 1.867
+    with pytest.raises(DataError, match="no step with kl_rmse > 1"):
+        aggregate_ratio(log, "mean", floor=1.0)
