@@ -107,6 +107,15 @@ class Band:
         """max - min over the seeds; NaN with fewer than two, where there is no noise floor to compare with."""
         return self.high - self.low if self.n >= 2 else math.nan
 
+    def judge(self, value: float) -> str:
+        """'higher' / 'lower' when `value` differs from the seed mean by more than the seed spread, 'within'
+        when it does not, 'unjudged' with fewer than two seeds."""
+        if math.isnan(self.spread):
+            return "unjudged"
+        if abs(value - self.mean) <= self.spread:
+            return "within"
+        return "higher" if value > self.mean else "lower"
+
 
 NO_BAND = Band(math.nan, math.nan, math.nan, 0)
 
@@ -271,16 +280,54 @@ def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int
                 band, value = noise[key].get(r, NO_BAND), runs[arm].value(f"healed {r}", key)
                 if math.isnan(value) or math.isnan(band.mean):
                     continue
-                if math.isnan(band.spread):
+                judged = band.judge(value)
+                if judged == "unjudged":
                     judged = "no noise floor: 1 seed"
                 else:
-                    judged = "beyond" if abs(value - band.mean) > band.spread else "within"
-                    judged += f" the seed spread {band.spread:.3f}"
+                    judged = f"{'within' if judged == 'within' else 'beyond'} the seed spread {band.spread:.3f}"
                 cells.append(f"round {r}: {value - band.mean:+.3f} ({judged})")
             lines.append(f"- `{arm}` {label} minus the anchor's seed mean: {'; '.join(cells) or 'no shared rounds'}")
     if not any(len(run.rounds()) for run in runs.values()):
         lines.append("- no finished rounds yet")
     return lines
+
+
+def judged_rounds(run: Run, key: str, band: dict[int, Band]) -> dict[str, list[int]]:
+    """The rounds where `run`'s healed `key` is higher / lower than the anchor's seed mean beyond the seed
+    spread, within it, or unjudged (fewer than two seeds reached the round)."""
+    groups: dict[str, list[int]] = {"higher": [], "lower": [], "within": [], "unjudged": []}
+    for r in run.rounds():
+        value, seeds = run.value(f"healed {r}", key), band.get(r, NO_BAND)
+        if not (math.isnan(value) or math.isnan(seeds.mean)):
+            groups[seeds.judge(value)].append(r)
+    return groups
+
+
+def _rounds_phrase(groups: dict[str, list[int]]) -> str:
+    return "; ".join(f"{kind} in rounds {rounds}" for kind, rounds in groups.items() if rounds) or "no shared rounds"
+
+
+def coherence_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list[str]:
+    """Q2's answer: per mean-barrier arm, the rounds where its healed coherence is below the anchor's beyond the
+    seed spread (there the rmse barrier held coherence and the mean one did not), and its trait likewise."""
+    group = seed_group(runs, anchor)
+    noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+    lines = []
+    for arm in [a for a in arms if runs[a].config.heal.agg == "mean"]:
+        coherence = judged_rounds(runs[arm], "loop_coherence", noise["loop_coherence"])
+        trait = judged_rounds(runs[arm], "trait_log_odds", noise["trait_log_odds"])
+        if coherence["lower"]:
+            held = f"rounds {coherence['lower']}"
+        elif coherence["higher"] or coherence["within"]:
+            held = "no judged round"
+        else:
+            held = "no round that can be judged yet (fewer than two seeds)"
+        lines.append(
+            f"- vs `{arm}` ({_describe(runs[arm].config)}): rmse held coherence where mean did not (mean's "
+            f"coherence below the anchor's seeds beyond their spread) in {held}. Coherence: "
+            f"{_rounds_phrase(coherence)}. Trait: {_rounds_phrase(trait)}."
+        )
+    return ["**Answer:**", "", *(lines or ["- no mean-barrier arm has results yet"]), ""]
 
 
 # ---------------------------------------------------------------- figures
@@ -397,6 +444,7 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "![Q1](q1_healing_vs_prompting.png)",
         "",
         *arm_comparison(runs, anchor, barrier_arms, "Q2: does the rmse barrier hold coherence where mean does not?"),
+        *coherence_answer(runs, anchor, barrier_arms),
         *barrier_scale_note(runs[anchor]),
         "![Q2](q2_barrier_aggregate.png)",
         "",

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from analyses.experiments import (
     ROUND_COLUMNS,
+    Band,
     Run,
     aggregate_ratio,
+    coherence_answer,
     differences,
     distilled_fraction,
     round_cells,
@@ -150,3 +152,16 @@ def test_aggregate_ratio_is_the_median_over_steps_past_the_noise_floor(tmp_path)
     assert aggregate_ratio(log, "p95") == pytest.approx(2.0)  # median of 2.0, 2.2, 1.867
     with pytest.raises(DataError, match="no step with kl_rmse > 1"):
         aggregate_ratio(log, "mean", floor=1.0)
+
+
+def test_q2_answer_names_the_rounds_where_rmse_held_coherence_and_mean_did_not():
+    runs = {"rmse_base": _metrics_run("rmse_base", 1.00, 0.90), "mean_base": _metrics_run("mean_base", 1.10, 0.80,
+            "heal.agg=mean"), "no_barrier": _metrics_run("no_barrier", 1.2, 0.7, "heal.lam=0")}  # fmt: skip
+    answer = "\n".join(coherence_answer(runs, "rmse_base", list(runs)))
+    assert "in no round that can be judged yet (fewer than two seeds)" in answer
+    assert "no_barrier" not in answer, "Q2's answer is about the mean barrier"
+    runs["rmse_base_seed1"] = _metrics_run("rmse_base_seed1", 1.02, 0.88, "seed=1")  # coherence 0.89 +- 0.02
+    answer = "\n".join(coherence_answer(runs, "rmse_base", list(runs)))
+    assert "did not (mean's coherence below the anchor's seeds beyond their spread) in rounds [0]" in answer
+    assert "Trait: higher in rounds [0]." in answer
+    assert Band(0.89, 0.88, 0.90, 2).judge(0.875) == "within" and Band(0.89, 0.89, 0.89, 1).judge(0.5) == "unjudged"
