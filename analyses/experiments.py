@@ -138,13 +138,12 @@ def aggregate_ratio(train_log: Path, agg: str, reference: str = "rmse", floor: f
     """Median over training steps of the `agg` KL aggregate over the `reference` one, read from a heal
     train_log.csv. Steps where the reference is below `floor` are skipped: early on the student still equals
     the base and the ratio divides noise by noise. tau_ref x ratio is the tau at which an `agg` barrier starts
-    to bind on the same KL profile where a `reference` barrier at tau_ref does."""
+    to bind on the same KL profile where a `reference` barrier at tau_ref does. NaN when no step passes the
+    floor (a heal too short or too gentle to leave the base)."""
     with train_log.open() as handle:
         ratios = [float(row[f"kl_{agg}"]) / float(row[f"kl_{reference}"]) for row in csv.DictReader(handle)
                   if float(row[f"kl_{reference}"]) > floor]  # fmt: skip
-    if not ratios:
-        raise DataError(f"{train_log}: no step with kl_{reference} > {floor}; nothing to compare {agg} against")
-    return statistics.median(ratios)
+    return statistics.median(ratios) if ratios else math.nan
 
 
 def barrier_scale_note(run: Run, aggregates: tuple[str, ...] = ("mean", "p95")) -> list[str]:
@@ -154,7 +153,7 @@ def barrier_scale_note(run: Run, aggregates: tuple[str, ...] = ("mean", "p95")) 
     logs = {r: log for r, log in logs.items() if log.is_file()}
     if not logs:
         return []
-    cells = [f"{agg} / rmse = " + ", ".join(f"{aggregate_ratio(log, agg):.2f}" for log in logs.values())
+    cells = [f"{agg} / rmse = " + ", ".join(_f(aggregate_ratio(log, agg), 2) for log in logs.values())
              for agg in aggregates]  # fmt: skip
     return [
         f"Barrier strength at equal tau: median per training step of each KL aggregate over the rmse one, in "
