@@ -54,8 +54,12 @@ class Run:
         return float(value) if value not in (None, "") else math.nan
 
 
+def run_root(config: Config) -> Path:
+    return Path(config.output.runs_dir) / config.output.name
+
+
 def read_run(name: str, config: Config) -> Run | None:
-    root = Path(config.output.runs_dir) / config.output.name
+    root = run_root(config)
     if not (root / "eval_base.json").is_file():
         return None
     diary_files = [root / "demo_base.jsonl", *sorted(root.glob("round_*/demo.jsonl"))]
@@ -131,6 +135,12 @@ def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[
     return band
 
 
+def seed_noise(runs: dict[str, Run], anchor: str) -> dict[str, dict[int, Band]]:
+    """The anchor's seed bands of the two readouts every verdict is judged on."""
+    group = seed_group(runs, anchor)
+    return {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -148,8 +158,7 @@ def aggregate_ratio(train_log: Path, agg: str, reference: str = "rmse", floor: f
 
 def barrier_scale_note(run: Run, aggregates: tuple[str, ...] = ("mean", "p95")) -> list[str]:
     """How strongly each aggregate binds at equal tau, measured on the KL profiles of `run`'s own training."""
-    root = Path(run.config.output.runs_dir) / run.config.output.name
-    logs = {r: root / f"round_{r:02d}" / "train_log.csv" for r in run.rounds()}
+    logs = {r: run_root(run.config) / f"round_{r:02d}" / "train_log.csv" for r in run.rounds()}
     logs = {r: log for r, log in logs.items() if log.is_file()}
     if not logs:
         return []
@@ -251,8 +260,7 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
 
 
 def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: str) -> list[str]:
-    group = seed_group(runs, anchor)
-    noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+    noise = seed_noise(runs, anchor)
     present = [arm for arm in arms if arm in runs]
     header = " | ".join(f"{arm} trait / coh" for arm in present)
     lines = [f"## {title}", "", f"| round | {header} | anchor seed spread trait / coh (seeds) |",
@@ -309,8 +317,7 @@ def _rounds_phrase(groups: dict[str, list[int]]) -> str:
 def coherence_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list[str]:
     """Q2's answer: per mean-barrier arm, the rounds where its healed coherence is below the anchor's beyond the
     seed spread (there the rmse barrier held coherence and the mean one did not), and its trait likewise."""
-    group = seed_group(runs, anchor)
-    noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+    noise = seed_noise(runs, anchor)
     lines = []
     for arm in [a for a in arms if runs[a].config.heal.agg == "mean"]:
         coherence = judged_rounds(runs[arm], "loop_coherence", noise["loop_coherence"])
@@ -378,7 +385,7 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
 
 
 def _random_share_note(run: Run) -> str:
-    path = Path(run.config.output.runs_dir) / run.config.output.name / "round_00" / "vector.safetensors"
+    path = run_root(run.config) / "round_00" / "vector.safetensors"
     if not path.is_file():
         return "a random direction gives ~1/sqrt(d)"
     width = SteeringVector.load(path).directions.shape[-1]
