@@ -15,7 +15,17 @@ from pathlib import Path
 
 from _machine import machine_line
 
-BENCHMARKS = ("ceiling", "steer_generate", "heal_step", "eval_rows", "demo_round")
+# Report name (reports/bench_<name>.md) -> the script and its arguments. The bf16 rows show what a CPU with
+# bf16 matmul units (AMX) gains; on one without them they are slower than fp32.
+BENCHMARKS = {
+    "ceiling": ["ceiling"],
+    "ceiling_bf16": ["ceiling", "--dtype", "bfloat16"],
+    "steer_generate": ["steer_generate"],
+    "heal_step": ["heal_step"],
+    "eval_rows": ["eval_rows"],
+    "demo_round": ["demo_round"],
+    "demo_round_bf16": ["demo_round", "--set", "model.dtype=bfloat16", "--out", "reports/bench_demo_round_bf16.md"],
+}
 GOALS = """| goal (2-core CPU, SmolLM2) | where measured |
 |---|---|
 | steered / plain generation >= 0.95 | bench_steer_generate |
@@ -24,6 +34,7 @@ GOALS = """| goal (2-core CPU, SmolLM2) | where measured |
 | 132-row eval at 32 think tokens <= 2 min | bench_eval_rows |
 | peak RSS <= 4 GB | bench_demo_round |
 | generation stage >= 50% of the measured ceiling | bench_ceiling |
+| (no goal) the same in bf16 | bench_ceiling_bf16, bench_demo_round_bf16 |
 """
 
 
@@ -37,7 +48,8 @@ def main() -> None:
         report = Path("reports") / f"bench_{name}.md"
         if name not in args.skip:
             started = time.perf_counter()
-            subprocess.run([sys.executable, str(here / f"{name}.py")], check=True)
+            script, *script_args = BENCHMARKS[name]
+            subprocess.run([sys.executable, str(here / f"{script}.py"), *script_args], check=True)
             print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         if report.is_file():
             sections.append(report.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1))

@@ -1,6 +1,6 @@
 """The compute ceiling of this machine for the embedded model, and how close the loop's generation stage gets.
 
-    python bench/ceiling.py [--model smollm2-135m] [--repeats 3]
+    python bench/ceiling.py [--model smollm2-135m] [--repeats 3] [--dtype float32]
 
 1. fp32 matmul throughput at the shapes of one decode step at batch 64 (each linear layer of the model with
    64 rows), and of a large square GEMM (the machine's peak);
@@ -8,7 +8,11 @@
 3. ceiling tok/s = decode-shape GFLOP/s / GFLOP per token;
 4. the loop's generation stage as the demo preset runs it (32 prompts x 2 coefficients in one batch of 64,
    64 new tokens, sampled, per-row steering) and the layout before it (one batch of 32 per coefficient):
-   tok/s and the fraction of the ceiling. Writes reports/bench_ceiling.md.
+   tok/s and the fraction of the ceiling. Writes reports/bench_ceiling.md;
+5. the best fraction the stage could reach with no overhead at all: only generated tokens count, but every
+   (padded) prompt position costs a forward too, and every row runs to the longest row's end.
+
+`--dtype bfloat16` measures the same in bf16 (CPUs with AMX run bf16 matmuls several times faster).
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ from torch import nn
 from interp_heal.config import GenerateConfig, load_config
 from interp_heal.generate import generate_completions
 from interp_heal.models import load_model
-from interp_heal.personas import BUILTIN_AXES, context_prompts, task_prompts
+from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.steer import extract_steering_vector
 
 
-def gflops(rows: int, shapes: list[tuple[int, int]], repeats: int) -> float:
+def gflops(rows: int, shapes: list[tuple[int, int]], repeats: int, dtype: torch.dtype) -> float:
     """GFLOP/s of y = x W^T for every (out, in) shape with `rows` input rows, summed like one forward."""
-    weights = [torch.randn(out_features, in_features) for out_features, in_features in shapes]
-    inputs = [torch.randn(rows, in_features) for _, in_features in shapes]
+    weights = [torch.randn(out_features, in_features, dtype=dtype) for out_features, in_features in shapes]
+    inputs = [torch.randn(rows, in_features, dtype=dtype) for _, in_features in shapes]
     flop = sum(2 * rows * out_features * in_features for out_features, in_features in shapes)
     timings = []
     for _ in range(repeats + 1):
@@ -48,6 +52,21 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
 
 
+def best_fraction(
+    prompt_lengths: list[int], n_coeffs: int, config: GenerateConfig, shapes, unembedding, tokens: int
+) -> float:
+    """Generated-token FLOPs / all FLOPs of the stage: padded prompt positions (every linear layer but the
+    unembedding, which the prefill runs for the last position only) plus max_new_tokens steps of every row
+    (rows are padded to the batch's longest prompt and run until the batch's last row ends)."""
+    per_token = sum(2 * o * i for o, i in shapes)
+    body = per_token - 2 * unembedding[0] * unembedding[1]
+    rows = sorted(length for length in prompt_lengths for _ in range(n_coeffs))
+    batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
+    prompt_flops = sum(len(batch) * max(batch) * body for batch in batches)
+    decode_flops = len(rows) * config.max_new_tokens * per_token
+    return tokens * per_token / (prompt_flops + decode_flops)
+
+
 def generation_tok_s(model, tokenizer, vector, config: GenerateConfig, prompts: list[str], coeffs, repeats: int):
     timings, tokens = [], 0
     for repeat in range(repeats):
@@ -55,46 +74,58 @@ def generation_tok_s(model, tokenizer, vector, config: GenerateConfig, prompts: 
         records = generate_completions(model, tokenizer, prompts, vector, coeffs, config, seed=repeat)
         timings.append(time.perf_counter() - started)
         tokens = sum(len(r.token_ids) for r in records)
-    return tokens / statistics.median(timings), statistics.median(timings)
+    return tokens / statistics.median(timings), statistics.median(timings), tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("reports/bench_ceiling.md"))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=None, help="default reports/bench_ceiling[_bf16].md")
     args = parser.parse_args()
-    model, tokenizer, info = load_model(args.model)
+    out = args.out or Path("reports/bench_ceiling.md" if args.dtype == "float32" else "reports/bench_ceiling_bf16.md")
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer, info = load_model(args.model, dtype=dtype)
     shapes = linear_shapes(model)
     gflop_per_token = sum(2 * o * i for o, i in shapes) / 1e9
-    decode_gflops = gflops(64, shapes, args.repeats)
-    peak_gflops = gflops(2048, [(2048, 2048)] * 4, args.repeats)
+    decode_gflops = gflops(64, shapes, args.repeats, dtype)
+    peak_gflops = gflops(2048, [(2048, 2048)] * 4, args.repeats, dtype)
     ceiling = decode_gflops / gflop_per_token
     demo = load_config("configs/demo.yaml")
     vector = extract_steering_vector(model, tokenizer, BUILTIN_AXES["love"], context_prompts(16), demo.steer.band)
     prompts = task_prompts()[: demo.generate.n_prompts]
+    templated = render_prompts(tokenizer, prompts)
+    prompt_lengths = [len(ids) for ids in tokenizer(templated, add_special_tokens=False)["input_ids"]]
+    unembedding = tuple(model.get_output_embeddings().weight.shape)
     coeffs = demo.steer.coeffs
     rows = []
     layouts = (("one batch of 64 (per-row coefficients, demo)", 64), ("two batches of 32 (the layout before)", 32))
     for label, batch_size in layouts:
         config = demo.generate.model_copy(update={"batch_size": batch_size})
-        tok_s, seconds = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
-        rows.append(f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} |")
+        tok_s, seconds, tokens = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
+        bound = best_fraction(prompt_lengths, len(coeffs), config, shapes, unembedding, tokens)
+        rows.append(f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} | {bound:.0%} |")
+    prefill_config = demo.generate.model_copy(update={"max_new_tokens": 1})
+    _, prefill_seconds, _ = generation_tok_s(model, tokenizer, vector, prefill_config, prompts, coeffs, args.repeats)
     report = "\n".join([
-        "# Compute ceiling and the generation stage", "",
-        f"`python bench/ceiling.py --repeats {args.repeats}`. Machine: {machine_line()}.", "",
+        f"# Compute ceiling and the generation stage ({args.dtype})", "",
+        f"`python bench/ceiling.py --repeats {args.repeats} --dtype {args.dtype}`. Machine: {machine_line()}.", "",
         f"- {info.name}: {len(shapes)} linear layers, {gflop_per_token:.3f} GFLOP per generated token "
         "(2 x the weights each token multiplies, unembedding included; attention over <200 positions adds <2%).",
-        f"- fp32 matmul at decode shapes (64 rows through every layer): {decode_gflops:.0f} GFLOP/s; "
+        f"- {args.dtype} matmul at decode shapes (64 rows through every layer): {decode_gflops:.0f} GFLOP/s; "
         f"large square GEMM (2048^3): {peak_gflops:.0f} GFLOP/s.",
         f"- ceiling at batch 64: {ceiling:.0f} generated tok/s.", "",
         f"Generation stage as the loop runs it ({len(prompts)} prompts x {len(coeffs)} coefficients, "
         f"{demo.generate.max_new_tokens} new tokens, T={demo.generate.temperature}, top-p {demo.generate.top_p}, "
         f"steered; tokens counted up to each row's EOS; median of {args.repeats}):", "",
-        "| layout | seconds | tok/s | of ceiling |", "|---|---|---|---|", *rows, "",
+        "| layout | seconds | tok/s | of ceiling | best possible (no overhead) |", "|---|---|---|---|---|", *rows, "",
+        f"The prompt prefill alone (the batch of 64 with max_new_tokens = 1) takes {prefill_seconds:.1f} s. "
+        "'Best possible' counts the FLOPs the stage cannot avoid in that layout (padded prompt positions, and "
+        "every row for max_new_tokens steps) and divides the generated tokens' share by them.", "",
     ])  # fmt: skip
     print(report)
-    args.out.write_text(report)
+    out.write_text(report)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,18 @@ Prints a table and writes reports/bench_steer_generate.md. Both paths generate e
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _machine import machine_line
 
 from interp_heal.models import load_model
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.steer import extract_steering_vector, steered_generate, tokenize_prompts
 
 NEW_TOKENS = 64
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def time_generate(model, tokenizer, inputs, vector, coeff) -> float:
@@ -73,10 +66,7 @@ def main() -> None:
         "|---|---|---|---|---|\n"
     )
     table = header + "".join(f"| {b} | {p:.1f} | {s:.1f} | {r:.3f} | {f:.3f} |\n" for b, p, s, r, f in rows)
-    machine = (
-        f"{_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"{info.name} {info.dtype} on {info.device}"
-    )
+    machine = f"{machine_line()}; {info.name} {info.dtype} on {info.device}"
     report = (
         f"# Steered vs plain generation\n\n`python bench/steer_generate.py --repeats {args.repeats} "
         f"--threads {args.threads}`\n\nMachine: {machine}. {NEW_TOKENS} new tokens per row (greedy, "
