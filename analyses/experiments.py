@@ -28,6 +28,7 @@ from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text, read_jsonl
 from interp_heal.mfv import FOUNDATIONS
+from interp_heal.provenance import code_label
 from interp_heal.report import metric_rows, save_figure
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
@@ -41,6 +42,7 @@ class Run:
     config: Config
     rows: list[dict[str, object]]  # metric rows: base, prompt-baseline, steered r, healed r
     diary: list[str]  # greedy answer to the first demo prompt: base, then after each round
+    code: list[str]  # code version at each process start of the run (`provenance.code_label`)
 
     def stage(self, name: str) -> dict[str, object] | None:
         return next((row for row in self.rows if row["stage"] == name), None)
@@ -68,7 +70,25 @@ def read_run(name: str, config: Config) -> Run | None:
     for row in rows:
         if str(row["stage"]).startswith("healed"):
             row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
-    return Run(name, config, rows, diary)
+    return Run(name, config, rows, diary, recorded_code(root))
+
+
+def recorded_code(root: Path) -> list[str]:
+    """The code label of every process start of a run, in order (events.jsonl `run_start`)."""
+    events = read_jsonl(root / "events.jsonl") if (root / "events.jsonl").is_file() else []
+    return [code_label(event.get("provenance")) for event in events if event["event"] == "run_start"]
+
+
+def code_note(runs: dict[str, Run]) -> str:
+    """Which code computed the runs: one line per distinct sequence of process-start versions."""
+    by_code: dict[tuple[str, ...], list[str]] = {}
+    for name, run in runs.items():
+        by_code.setdefault(tuple(dict.fromkeys(run.code)), []).append(f"`{name}`")
+    parts = [f"{', '.join(names)}: {' then '.join(code) or 'none'}" for code, names in by_code.items()]
+    return (
+        "Code version at each start of each run (from its events.jsonl; 'unrecorded' = started before runs "
+        f"recorded it): {'; '.join(parts)}."
+    )
 
 
 def adapter_write_share(round_dir: Path) -> float:
@@ -445,6 +465,8 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "the healed student kept all of that round's steering effect. Adapter write share: mean over "
         "the LoRA modules that write to the residual stream (o_proj, down_proj) of ||v^T dW|| / ||dW|| with the "
         f"round's unit vector; {_random_share_note(runs[anchor])}.",
+        "",
+        code_note(runs),
         "",
         *healing_vs_prompting(runs, anchor),
         "![Q1](q1_healing_vs_prompting.png)",

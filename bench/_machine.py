@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import platform
 import resource
 import subprocess
 from pathlib import Path
 
 import torch
+
+from interp_heal.provenance import cpu_name
 
 # Matmul units that change what a "2-core CPU" can do by several-fold (the machines this project lands on
 # range from 66 to over 400 GFLOP/s of fp32 GEMM, and AMX runs bf16 several times faster than fp32).
@@ -16,13 +17,6 @@ _ISA_FLAGS = {"avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "A
 
 def _cpuinfo() -> str:
     return Path("/proc/cpuinfo").read_text()
-
-
-def cpu_name() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def matmul_units() -> str:

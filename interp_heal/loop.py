@@ -40,6 +40,7 @@ from interp_heal.io import check_writable, sha256_file, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
+from interp_heal.provenance import provenance
 from interp_heal.report import write_metrics, write_report
 from interp_heal.steer import SteeringVector, extract_steering_vector
 
@@ -375,7 +376,7 @@ def run_loop(
 
 def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None) -> None:
     config, folder = ctx.config, ctx.folder
-    folder.event("run_start", rounds=config.loop.rounds)
+    folder.event("run_start", rounds=config.loop.rounds, provenance=provenance())
     base_eval_path = folder.root / "eval_base.json"
     stage(folder, "base/eval", lambda: _eval(ctx, base_model, base_eval_path), (base_eval_path,))
     prompt_eval = folder.root / "eval_prompt.json"

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from analyses.experiments import (
     Band,
     Run,
     aggregate_ratio,
+    code_note,
     coherence_answer,
     differences,
     distilled_fraction,
@@ -25,6 +27,7 @@ from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
 from interp_heal.loop import HEAL_INDEPENDENT_STAGES, run_loop
+from interp_heal.provenance import code_label, provenance
 from interp_heal.sweep import sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
@@ -77,6 +80,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 of 1 rounds)" in report
     assert "over 2 seed(s)" in report, "the seed variant must join the anchor's noise floor"
     assert "| 0 |" in report and "`no_barrier` trait minus the anchor's seed mean: round 0:" in report
+    assert f"`rmse_base_seed1`: {code_label(provenance())}." in report, "the code that computed the runs is named"
     assert (tmp_path / "report" / "q2_barrier_aggregate.html").is_file()
     assert (tmp_path / "report" / "experiments.csv").read_text().count("\n") == 1 + 3 * 4
     rows = list(csv.DictReader((tmp_path / "report" / "experiments.csv").open()))
@@ -114,7 +118,7 @@ def test_sharing_stages_across_seeds_is_refused_before_anything_is_written(tmp_p
 def _metrics_run(name: str, trait: float, coherence: float, *overrides: str) -> Run:
     config = load_config(SMOKE, [*overrides, f"output.name={name}"])
     return Run(name, config, [{"stage": "healed 0", "round": 0, "trait_log_odds": trait, "loop_coherence": coherence}],
-               [])  # fmt: skip
+               [], [])  # fmt: skip
 
 
 def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_one():
@@ -133,11 +137,17 @@ def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_o
     assert "trait minus the anchor's seed mean: round 0: -0.040 (within the seed spread 0.220)" in judged(runs)
 
 
+def test_code_note_groups_runs_by_the_code_of_their_process_starts():
+    runs = {name: replace(_metrics_run(name, 1.0, 1.0), code=code) for name, code in
+            (("a", ["unrecorded", "abc1234"]), ("b", ["abc1234", "abc1234"]), ("c", ["abc1234"]))}  # fmt: skip
+    assert code_note(runs).endswith("`a`: unrecorded then abc1234; `b`, `c`: abc1234.")
+
+
 def test_distilled_fraction_measures_each_round_from_the_model_it_steered():
     traits = {"base": 0.5, "steered 0": 1.5, "healed 0": 1.0, "steered 1": 1.0, "healed 1": 1.0}
     rows = [{"stage": stage, "round": int(stage[-1]) if stage[-1].isdigit() else -1, "trait_log_odds": trait}
             for stage, trait in traits.items()]  # fmt: skip
-    run = Run("rmse_base", load_config(SMOKE), rows, [])
+    run = Run("rmse_base", load_config(SMOKE), rows, [], [])
     assert distilled_fraction(run, 0) == pytest.approx(0.5)  # half of the push from 0.5 to 1.5
     assert math.isnan(distilled_fraction(run, 1)), "a round whose steering did not move the trait has no fraction"
     assert round_cells(run, 0)[ROUND_COLUMNS.index("distilled")] == "0.50"
