@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
 OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
+# The readouts every verdict is judged on, and the shape of the per-token KL tail on held-out answers (what the
+# "rmse catches spiky incoherence" story is about: at equal strength, a thinner tail under rmse than under mean).
+READOUTS = {"loop_coherence": "coherence", "trait_log_odds": "trait"}
+TAIL_SHAPE = {"kl_p95_over_mean": "neutral KL p95 / mean", "kl_max_over_mean": "neutral KL max / mean"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ def read_run(name: str, config: Config) -> Run | None:
     for row in rows:
         if str(row["stage"]).startswith("healed"):
             row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
+            row.update(tail_shape(row))
     return Run(name, config, rows, diary, recorded_code(root))
 
 
@@ -89,6 +95,19 @@ def code_note(runs: dict[str, Run]) -> str:
         "Code version at each start of each run (from its events.jsonl; 'unrecorded' = started before runs "
         f"recorded it): {'; '.join(parts)}."
     )
+
+
+def tail_shape(row: dict[str, object]) -> dict[str, float]:
+    """p95 / mean and max / mean of a stage's per-token KL to the base on the neutral answers (NaN where the
+    mean is zero or missing): scale-free, so arms with different KL levels compare by tail shape alone."""
+
+    def ratio(key: str) -> float:
+        top, mean = row.get(key), row.get("neutral_kl_mean")
+        if top in (None, "") or mean in (None, "") or float(mean) <= 0:
+            return math.nan
+        return float(top) / float(mean)
+
+    return {"kl_p95_over_mean": ratio("neutral_kl_p95"), "kl_max_over_mean": ratio("neutral_kl_max")}
 
 
 def adapter_write_share(round_dir: Path) -> float:
@@ -155,10 +174,10 @@ def seed_band(group: list[Run], key: str, stage_prefix: str = "healed") -> dict[
     return band
 
 
-def seed_noise(runs: dict[str, Run], anchor: str) -> dict[str, dict[int, Band]]:
-    """The anchor's seed bands of the two readouts every verdict is judged on."""
+def seed_noise(runs: dict[str, Run], anchor: str, keys: Iterable[str] = READOUTS) -> dict[str, dict[int, Band]]:
+    """The anchor's seed bands of `keys` (by default the two readouts every verdict is judged on)."""
     group = seed_group(runs, anchor)
-    return {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+    return {key: seed_band(group, key) for key in keys}
 
 
 # ---------------------------------------------------------------- tables
@@ -296,12 +315,14 @@ def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: st
     return lines
 
 
-def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int, Band]]) -> list[str]:
-    """Per arm and round, its healed coherence / trait minus the anchor's seed mean, and whether that exceeds
+def differences(
+    runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int, Band]], labels: dict[str, str] = READOUTS
+) -> list[str]:
+    """Per arm and round, each healed readout in `labels` minus the anchor's seed mean, and whether that exceeds
     the anchor's seed spread (it cannot be judged where fewer than two seeds reached the round)."""
     lines = []
     for arm in arms:
-        for key, label in (("loop_coherence", "coherence"), ("trait_log_odds", "trait")):
+        for key, label in labels.items():
             cells = []
             for r in runs[arm].rounds():
                 band, value = noise[key].get(r, NO_BAND), runs[arm].value(f"healed {r}", key)
@@ -317,6 +338,25 @@ def differences(runs: dict[str, Run], arms: list[str], noise: dict[str, dict[int
     if not any(len(run.rounds()) for run in runs.values()):
         lines.append("- no finished rounds yet")
     return lines
+
+
+def kl_tail_section(runs: dict[str, Run], anchor: str, arms: list[str]) -> list[str]:
+    """Q2's mechanism: the shape of each arm's KL tail on held-out answers against the anchor's seed spread."""
+    noise = seed_noise(runs, anchor, TAIL_SHAPE)
+    present = [arm for arm in arms if arm in runs]
+    lines = [
+        "KL tail shape on the held-out neutral answers (per-token KL(healed || base); p95 / mean and max / mean "
+        "are scale-free, so they compare arms whose KL levels differ). If the rmse barrier removes spiky "
+        "incoherence that a mean barrier of equal strength leaves, its tail is the thinner one.", "",
+        f"| round | {' | '.join(f'{arm} p95/mean, max/mean' for arm in present)} | anchor seed spread (seeds) |",
+        "|---|" + "---|" * len(present) + "---|",
+    ]  # fmt: skip
+    for r in sorted({r for arm in present for r in runs[arm].rounds()}):
+        cells = [f"{_f(runs[a].value(f'healed {r}', 'kl_p95_over_mean'), 2)}, "
+                 f"{_f(runs[a].value(f'healed {r}', 'kl_max_over_mean'), 1)}" for a in present]  # fmt: skip
+        p95, top = (noise[key].get(r, NO_BAND) for key in TAIL_SHAPE)
+        lines.append(f"| {r} | {' | '.join(cells)} | {_f(p95.spread, 2)}, {_f(top.spread, 1)} ({p95.n}) |")
+    return [*lines, "", *differences(runs, [a for a in present if a != anchor], noise, TAIL_SHAPE), ""]
 
 
 def judged_rounds(run: Run, key: str, band: dict[int, Band]) -> dict[str, list[int]]:
@@ -474,6 +514,7 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         *arm_comparison(runs, anchor, barrier_arms, "Q2: does the rmse barrier hold coherence where mean does not?"),
         *coherence_answer(runs, anchor, barrier_arms),
         *barrier_scale_note(runs[anchor]),
+        *kl_tail_section(runs, anchor, barrier_arms),
         "![Q2](q2_barrier_aggregate.png)",
         "",
         *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),

@@ -19,9 +19,11 @@ from analyses.experiments import (
     coherence_answer,
     differences,
     distilled_fraction,
+    kl_tail_section,
     round_cells,
     seed_band,
     seed_group,
+    tail_shape,
 )
 from cli import app
 from interp_heal.config import load_config
@@ -135,6 +137,23 @@ def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_o
     assert "coherence minus the anchor's seed mean: round 0: -0.090 (beyond the seed spread 0.020)" in judged(runs)
     runs["rmse_base_seed2"] = _metrics_run("rmse_base_seed2", 0.80, 0.70, "seed=2")  # now a spread of 0.22 / 0.20
     assert "trait minus the anchor's seed mean: round 0: -0.040 (within the seed spread 0.220)" in judged(runs)
+
+
+def test_kl_tail_shape_is_scale_free_and_judged_against_the_seed_spread():
+    shape = tail_shape({"neutral_kl_mean": 0.2, "neutral_kl_p95": 0.6, "neutral_kl_max": 3.0})
+    assert shape == pytest.approx({"kl_p95_over_mean": 3.0, "kl_max_over_mean": 15.0})
+    assert all(math.isnan(v) for v in tail_shape({"neutral_kl_mean": 0.0, "neutral_kl_p95": 0.0}).values())
+
+    def tailed(name: str, p95_over_mean: float, *overrides: str) -> Run:
+        run = _metrics_run(name, 1.0, 0.9, *overrides)
+        run.rows[0].update(kl_p95_over_mean=p95_over_mean, kl_max_over_mean=10.0)
+        return run
+
+    runs = {"rmse_base": tailed("rmse_base", 3.0), "rmse_base_seed1": tailed("rmse_base_seed1", 3.05, "seed=1"),
+            "mean_matched": tailed("mean_matched", 3.3, "heal.agg=mean", "heal.tau=0.36")}  # fmt: skip
+    text = "\n".join(kl_tail_section(runs, "rmse_base", ["rmse_base", "mean_matched"]))
+    assert "| 0 | 3.00, 10.0 | 3.30, 10.0 | 0.05, 0.0 (2) |" in text
+    assert "`mean_matched` neutral KL p95 / mean minus the anchor's seed mean: round 0: +0.275 (beyond the seed" in text
 
 
 def test_code_note_groups_runs_by_the_code_of_their_process_starts():
