@@ -4,6 +4,10 @@ Extraction: for each context, a pos-persona chat and a neg-persona chat (generat
 the residual stream (decoder block output) at the last prompt token, the assistant tag, is read for every
 layer; the vector per layer is mean(pos) - mean(neg). All layers are stored; a depth band selects which
 are injected. Injection adds coeff * v[l] to the output of every block in the band.
+
+Every trace here takes `remote`: False runs it here; "local" runs nnsight's simulation of remote execution
+(the trace is serialized as for NDIF, deserialized with this project's modules hidden, as on a server that
+never installed them, then run); True ships it to NDIF (not tested here: no network, see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from interp_heal.errors import DataError
 from interp_heal.io import atomic_target, write_json
 from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, unwrap_peft
 from interp_heal.personas import PersonaPair, render_prompts
+
+Remote = bool | str  # nnsight's `remote=`: False, "local" (simulated server) or True (NDIF)
+
+
+def _remote_kwargs(remote: Remote) -> dict[str, Remote]:
+    # Nothing is passed for a local run, so it stays the exact call it was before remote execution existed.
+    return {"remote": remote} if remote else {}
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,12 @@ def _to_model(injection: dict[int, torch.Tensor], model: nn.Module) -> dict[int,
 
 
 def last_token_states(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int, desc: str = "read"
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    batch_size: int,
+    desc: str = "read",
+    remote: Remote = False,
 ) -> torch.Tensor:
     """Residual stream (every decoder block's output) at each prompt's last token: [n_prompts, n_layers, d]."""
     nn_model, layers = wrap(model, tokenizer)
@@ -182,7 +198,7 @@ def last_token_states(
     rows: list[torch.Tensor] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch = tokenize_prompts(tokenizer, prompts[start : start + batch_size], device)
-        with torch.inference_mode(), nn_model.trace(dict(batch)):
+        with torch.inference_mode(), nn_model.trace(dict(batch), **_remote_kwargs(remote)):
             states = nnsight.save([layers[layer].output[:, -1, :] for layer in range(n_layers)])
         rows.append(torch.stack([s.float().cpu() for s in states], dim=1))
     return torch.cat(rows, dim=0)
@@ -196,10 +212,12 @@ def extract_steering_vector(
     band: tuple[float, float],
     batch_size: int = 16,
     model_name: str = "",
+    remote: Remote = False,
 ) -> SteeringVector:
     """mean(h | pos persona) - mean(h | neg persona) at the assistant tag, per layer, over `contexts`."""
-    pos_states = last_token_states(model, tokenizer, render_prompts(tokenizer, contexts, pair.pos), batch_size, "pos")
-    neg_states = last_token_states(model, tokenizer, render_prompts(tokenizer, contexts, pair.neg), batch_size, "neg")
+    pos_prompts, neg_prompts = (render_prompts(tokenizer, contexts, persona) for persona in (pair.pos, pair.neg))
+    pos_states = last_token_states(model, tokenizer, pos_prompts, batch_size, "pos", remote)
+    neg_states = last_token_states(model, tokenizer, neg_prompts, batch_size, "neg", remote)
     both = torch.cat([pos_states, neg_states], dim=0)
     n_layers = pos_states.shape[1]
     return SteeringVector(
@@ -222,6 +240,7 @@ def steered_logits(
     inputs: dict[str, torch.Tensor],
     vector: SteeringVector | None,
     coeff: float,
+    remote: Remote = False,
     **forward_kwargs: object,
 ) -> torch.Tensor:
     """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`.
@@ -233,7 +252,7 @@ def steered_logits(
     if vector is not None:
         check_fits(vector, model)
     injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
-    with nn_model.trace(inputs, **forward_kwargs):
+    with nn_model.trace(inputs, **_remote_kwargs(remote), **forward_kwargs):
         add_steering(layers, injection)
         logits = nn_model.lm_head.output.save()
     return logits
@@ -269,6 +288,7 @@ def steered_generate(
     vector: SteeringVector | None,
     coeff: float | list[float],
     generated_only: bool = False,
+    remote: Remote = False,
     **generate_kwargs: object,
 ) -> Any:
     """`generate` with coeff * v added at the band layers: prompt and generated tokens, or generated only.
@@ -276,29 +296,33 @@ def steered_generate(
     `coeff` is one coefficient for the batch or one per row, so several doses share one batch. Returns the
     full sequences (prompt + new tokens), as `model.generate` does. With no vector or only zero coefficients
     this is plain `generate` (no trace), so its output is exactly HF's (the sequences tensor, or the output
-    object with its KV cache when `return_dict_in_generate=True`).
+    object with its KV cache when `return_dict_in_generate=True`); run remotely it is an unsteered trace.
     """
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     row_coeffs = coeff if isinstance(coeff, list) else [coeff]
+    injection: dict[int, torch.Tensor] = {}
     if vector is None or not any(row_coeffs):
-        with torch.inference_mode():
-            return model.generate(**inputs, **generate_kwargs)
-    check_fits(vector, model)
-    nn_model, layers = wrap(model, tokenizer)
-    if isinstance(coeff, list):
+        if not remote:
+            with torch.inference_mode():
+                return model.generate(**inputs, **generate_kwargs)
+    elif isinstance(coeff, list):
+        check_fits(vector, model)
         per_row = torch.tensor(coeff)[:, None, None]  # [B, 1, 1]: broadcasts over positions and features
         injection = _to_model({layer: per_row * delta for layer, delta in vector.injection(1.0).items()}, model)
     else:
+        check_fits(vector, model)
         injection = _to_model(vector.injection(coeff), model)
+    nn_model, layers = wrap(model, tokenizer)
     # Step 0 runs the whole prompt; each later step is one generated token. Code after the step loop never
     # runs inside its invoke, so the result is read in a second, empty invoke.
     with warnings.catch_warnings():
         # An open step loop always ends with nnsight's "was never reached" warning; it is expected here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with torch.inference_mode(), nn_model.generate(**generate_kwargs) as tracer:
+        with torch.inference_mode(), nn_model.generate(**_remote_kwargs(remote), **generate_kwargs) as tracer:
             with tracer.invoke(inputs):
-                for _ in tracer.iter[1:] if generated_only else tracer.all():
-                    add_steering(layers, injection)
+                if injection:  # (an unsteered remote run) a step loop that touches no module would never end
+                    for _ in tracer.iter[1:] if generated_only else tracer.all():
+                        add_steering(layers, injection)
             with tracer.invoke():
                 sequences = tracer.result.save()
     return sequences
