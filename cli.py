@@ -213,13 +213,17 @@ def sweep(
     config: Path = typer.Option(..., "--config", "-c", help="Sweep file (see configs/experiments.yaml)."),
     only: list[str] | None = typer.Option(None, "--only", help="Run just these named runs (repeatable)."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished rounds."),
+    compare_to: Path | None = typer.Option(
+        None, "--compare-to", exists=True, dir_okay=False, help="An earlier sweep's experiments.csv to compare with."
+    ),
 ) -> None:
     """Matched loop runs from one sweep file, advanced round by round (rerun to resume); then the report."""
     if not report_only:
         for name, root in run_sweep(config, only).items():
             typer.echo(f"{name}: {root}")
     settings = load_sweep(config)
-    typer.echo(f"report: {write_experiments_report(config, Path(settings.report_dir), settings.anchor)}")
+    report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
+    typer.echo(f"report: {report}")
 
 
 @app.command("diag-axis")

@@ -470,7 +470,33 @@ def experiments_csv(runs: dict[str, Run]) -> str:
     return buffer.getvalue()
 
 
-def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_base") -> Path:
+def reproduction_section(runs: dict[str, Run], earlier_csv: Path) -> list[str]:
+    """Per round, the largest |difference| in healed trait and coherence between these runs and the same-named
+    runs of an earlier sweep's experiments.csv (same configs, another machine or code version)."""
+    with earlier_csv.open() as handle:
+        earlier = {(row["run"], row["stage"]): row for row in csv.DictReader(handle)}
+    lines = [
+        f"## Reproduction against `{earlier_csv}`", "",
+        "The same configs run again; per round, the largest difference over the runs present in both.", "",
+        "| round | runs in both | max abs diff trait (run) | max abs diff coherence (run) |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for r in sorted({r for run in runs.values() for r in run.rounds()}):
+        shared = [name for name, run in runs.items() if r in run.rounds() and (name, f"healed {r}") in earlier]
+        if not shared:
+            continue
+        cells = []
+        for key in ("trait_log_odds", "loop_coherence"):
+            before = {n: float(earlier[(n, f"healed {r}")][key] or "nan") for n in shared}
+            gaps = {n: abs(runs[n].value(f"healed {r}", key) - before[n]) for n in shared}
+            worst = max(gaps, key=lambda n: gaps[n])
+            cells.append(f"{gaps[worst]:.2g} (`{worst}`)")
+        lines.append(f"| {r} | {len(shared)} | {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
+def write_experiments_report(
+    sweep_path: Path, out: Path, anchor: str = "rmse_base", compare_to: Path | None = None
+) -> Path:
     configs = sweep_configs(sweep_path)
     runs = {name: run for name, config in configs.items() if (run := read_run(name, config)) is not None}
     if anchor not in runs:
@@ -508,6 +534,7 @@ def write_experiments_report(sweep_path: Path, out: Path, anchor: str = "rmse_ba
         "",
         code_note(runs),
         "",
+        *(reproduction_section(runs, compare_to) if compare_to is not None else []),
         *healing_vs_prompting(runs, anchor),
         "![Q1](q1_healing_vs_prompting.png)",
         "",

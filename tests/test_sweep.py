@@ -19,7 +19,9 @@ from analyses.experiments import (
     coherence_answer,
     differences,
     distilled_fraction,
+    experiments_csv,
     kl_tail_section,
+    reproduction_section,
     round_cells,
     seed_band,
     seed_group,
@@ -89,6 +91,11 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     healed = [row for row in rows if row["stage"].startswith("healed")]
     assert len(healed) == 3 and all(0 < float(row["adapter_write_share"]) <= 1 for row in healed)
     assert "adapter write share on v_r" in report
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text((tmp_path / "report" / "experiments.csv").read_text())
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--report-only", "--compare-to", str(earlier)])
+    assert result.exit_code == 0, result.output
+    assert "| 0 | 3 | 0 (`rmse_base`) | 0 (`rmse_base`) |" in (tmp_path / "report" / "experiments.md").read_text()
 
 
 def _adopted(run: Path) -> set[str]:
@@ -154,6 +161,16 @@ def test_kl_tail_shape_is_scale_free_and_judged_against_the_seed_spread():
     text = "\n".join(kl_tail_section(runs, "rmse_base", ["rmse_base", "mean_matched"]))
     assert "| 0 | 3.00, 10.0 | 3.30, 10.0 | 0.05, 0.0 (2) |" in text
     assert "`mean_matched` neutral KL p95 / mean minus the anchor's seed mean: round 0: +0.275 (beyond the seed" in text
+
+
+def test_reproduction_reports_the_largest_drift_per_round(tmp_path):
+    runs = {"rmse_base": _metrics_run("rmse_base", 1.00, 0.90), "seed1": _metrics_run("seed1", 0.80, 0.95, "seed=1")}
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text(experiments_csv(runs))
+    runs["rmse_base"].rows[0]["trait_log_odds"] = 1.25  # this run drifted since
+    runs["new_arm"] = _metrics_run("new_arm", 0.5, 0.5, "heal.lam=0")  # not in the earlier sweep: ignored
+    text = "\n".join(reproduction_section(runs, earlier))
+    assert "| 0 | 2 | 0.25 (`rmse_base`) | 0 (`rmse_base`) |" in text
 
 
 def test_code_note_groups_runs_by_the_code_of_their_process_starts():
