@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import subprocess
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -47,9 +48,16 @@ def machine() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({platform.machine()})"
 
 
+@cache
+def _loaded_code_version() -> dict[str, object]:
+    # Read once per process: a long sweep keeps running the code it imported while commits move HEAD on.
+    return code_version()
+
+
 def provenance() -> dict[str, object]:
+    """The code this process loaded (the checkout's state at the first call), library versions, machine."""
     versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
-    return {**code_version(), "versions": versions, "machine": machine()}
+    return {**_loaded_code_version(), "versions": versions, "machine": machine()}
 
 
 def code_label(record: dict[str, object] | None) -> str:

@@ -28,6 +28,12 @@ def test_a_package_outside_a_checkout_of_this_project_records_no_commit(tmp_path
     assert code_version() == {"commit": None, "dirty": None}
 
 
+def test_a_process_keeps_the_version_it_loaded_while_head_moves(monkeypatch):
+    loaded = provenance()["commit"]
+    monkeypatch.setattr(provenance_module, "_git", lambda *args: "f" * 40)  # as if a commit landed meanwhile
+    assert provenance()["commit"] == loaded
+
+
 def test_code_labels():
     assert code_label(None) == "unrecorded"
     assert code_label({"commit": None}) == "no git"
