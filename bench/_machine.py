@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import resource
-import subprocess
 from pathlib import Path
 
 import torch
 
-from interp_heal.provenance import cpu_name
+from interp_heal.provenance import code_label, code_version, cpu_name
 
 # Matmul units that change what a "2-core CPU" can do by several-fold (the machines this project lands on
 # range from 66 to over 400 GFLOP/s of fp32 GEMM, and AMX runs bf16 several times faster than fp32).
@@ -27,10 +26,9 @@ def matmul_units() -> str:
 def machine_line() -> str:
     cores = len(_cpuinfo().split("processor\t")) - 1
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (
         f"{cpu_name()} ({cores} cores; {matmul_units()}), {gpu}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, commit {commit or 'unknown'}"
+        f"torch {torch.__version__}, commit {code_label(code_version())}"
     )
 
 

@@ -281,6 +281,21 @@ def steered_states(
     return logits, torch.stack(list(states))
 
 
+def _generation_injection(
+    model: nn.Module, vector: SteeringVector | None, coeff: float | list[float]
+) -> dict[int, torch.Tensor]:
+    """Per band layer, the delta to add during generation ([B, 1, d] for per-row coefficients); empty when
+    nothing is steered (no vector, or only zero coefficients)."""
+    row_coeffs = coeff if isinstance(coeff, list) else [coeff]
+    if vector is None or not any(row_coeffs):
+        return {}
+    check_fits(vector, model)
+    if isinstance(coeff, list):
+        per_row = torch.tensor(coeff)[:, None, None]  # [B, 1, 1]: broadcasts over positions and features
+        return _to_model({layer: per_row * delta for layer, delta in vector.injection(1.0).items()}, model)
+    return _to_model(vector.injection(coeff), model)
+
+
 def steered_generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -299,19 +314,10 @@ def steered_generate(
     object with its KV cache when `return_dict_in_generate=True`); run remotely it is an unsteered trace.
     """
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    row_coeffs = coeff if isinstance(coeff, list) else [coeff]
-    injection: dict[int, torch.Tensor] = {}
-    if vector is None or not any(row_coeffs):
-        if not remote:
-            with torch.inference_mode():
-                return model.generate(**inputs, **generate_kwargs)
-    elif isinstance(coeff, list):
-        check_fits(vector, model)
-        per_row = torch.tensor(coeff)[:, None, None]  # [B, 1, 1]: broadcasts over positions and features
-        injection = _to_model({layer: per_row * delta for layer, delta in vector.injection(1.0).items()}, model)
-    else:
-        check_fits(vector, model)
-        injection = _to_model(vector.injection(coeff), model)
+    injection = _generation_injection(model, vector, coeff)
+    if not injection and not remote:
+        with torch.inference_mode():
+            return model.generate(**inputs, **generate_kwargs)
     nn_model, layers = wrap(model, tokenizer)
     # Step 0 runs the whole prompt; each later step is one generated token. Code after the step loop never
     # runs inside its invoke, so the result is read in a second, empty invoke.
