@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ class Run:
     rows: list[dict[str, object]]  # metric rows: base, prompt-baseline, steered r, healed r
     diary: list[str]  # greedy answer to the first demo prompt: base, then after each round
     code: list[str]  # code version at each process start of the run (`provenance.code_label`)
+    stopped: str = ""  # why the loop ended the run early (stopped.json), empty while it may go on
 
     def stage(self, name: str) -> dict[str, object] | None:
         return next((row for row in self.rows if row["stage"] == name), None)
@@ -76,7 +78,8 @@ def read_run(name: str, config: Config) -> Run | None:
         if str(row["stage"]).startswith("healed"):
             row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
             row.update(tail_shape(row))
-    return Run(name, config, rows, diary, recorded_code(root))
+    stopped = json.loads((root / "stopped.json").read_text())["reason"] if (root / "stopped.json").is_file() else ""
+    return Run(name, config, rows, diary, recorded_code(root), stopped)
 
 
 def recorded_code(root: Path) -> list[str]:
@@ -250,7 +253,12 @@ def round_table(run: Run) -> list[str]:
     lines = [f"#### `{run.name}` ({_describe(run.config)})", "", f"| {' | '.join(ROUND_COLUMNS)} |",
              "|" + "---|" * len(ROUND_COLUMNS)]  # fmt: skip
     lines += [f"| {' | '.join(round_cells(run, r))} |" for r in run.rounds()]
-    return [*lines, ""]
+    return [*lines, "", *([f"Stopped by the loop: {run.stopped}.", ""] if run.stopped else [])]
+
+
+def _progress(run: Run) -> str:
+    done = f"{len(run.rounds())} of {run.config.loop.rounds} rounds"
+    return f"{done}; stopped by the loop: {run.stopped}" if run.stopped else done
 
 
 def _describe(config: Config) -> str:
@@ -272,7 +280,7 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
         "## Q1: does healing move the trait further than the prompting baseline, at equal or better coherence?", "",
         f"Prompting baseline (pos persona as system prompt, base model): trait {_f(baseline)} "
         f"[{_f(prompt.value('prompt-baseline', 'trait_ci_low'))}, {_f(prompt_high)}], coherence "
-        f"{_f(prompt.value('prompt-baseline', 'loop_coherence'))} (the base model's own fluency, capped at 1). Healed "
+        f"{_f(prompt.value('prompt-baseline', 'loop_coherence'))} ({_prompted_fluency(prompt)}). Healed "
         f"`{anchor}` over {len(group)} seed(s), mean [min, max] per round:", "",
         "| round | healed trait (seeds) | healed coherence | beats the baseline's upper CI in every seed? |",
         "|---|---|---|---|",
@@ -296,6 +304,13 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
         )
     lines += ["", f"**Answer:** {answer}", ""]
     return lines
+
+
+def _prompted_fluency(run: Run) -> str:
+    """What the baseline's coherence means: the base model's fluency on the neutral answers with the persona
+    prompt in place, relative to without it (uncapped, so a prompt that makes them likelier shows above 1)."""
+    gap = run.value("base", "neutral_nll") - run.value("prompt-baseline", "neutral_nll")
+    return f"neutral answers scored with the persona prompt in place; uncapped exp(base NLL - NLL) {_f(math.exp(gap))}"
 
 
 def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: str) -> list[str]:
@@ -381,7 +396,6 @@ def coherence_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list
     lines = []
     for arm in [a for a in arms if runs[a].config.heal.agg == "mean"]:
         coherence = judged_rounds(runs[arm], "loop_coherence", noise["loop_coherence"])
-        trait = judged_rounds(runs[arm], "trait_log_odds", noise["trait_log_odds"])
         if coherence["lower"]:
             held = f"rounds {coherence['lower']}"
         elif coherence["higher"] or coherence["within"]:
@@ -390,10 +404,28 @@ def coherence_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list
             held = "no round that can be judged yet (fewer than two seeds)"
         lines.append(
             f"- vs `{arm}` ({_describe(runs[arm].config)}): rmse held coherence where mean did not (mean's "
-            f"coherence below the anchor's seeds beyond their spread) in {held}. Coherence: "
-            f"{_rounds_phrase(coherence)}. Trait: {_rounds_phrase(trait)}."
+            f"coherence below the anchor's seeds beyond their spread) in {held}. {_judged_readouts(runs[arm], noise)}"
         )
     return ["**Answer:**", "", *(lines or ["- no mean-barrier arm has results yet"]), ""]
+
+
+def reference_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list[str]:
+    """Q3's answer: per arm whose KL reference differs from the anchor's, the rounds where its healed coherence
+    and trait leave the anchor's seed spread, and whether the loop had to stop it."""
+    noise = seed_noise(runs, anchor)
+    reference = runs[anchor].config.heal.ref
+    lines = [
+        f"- `{arm}` ({_describe(runs[arm].config)}) against `{anchor}`'s seeds: {_judged_readouts(runs[arm], noise)}"
+        + (f" The loop stopped it: {runs[arm].stopped}." if runs[arm].stopped else "")
+        for arm in arms if runs[arm].config.heal.ref != reference
+    ]  # fmt: skip
+    return ["**Answer:**", "", *(lines or [f"- no arm with a KL reference other than {reference} has results"]), ""]
+
+
+def _judged_readouts(run: Run, noise: dict[str, dict[int, Band]]) -> str:
+    coherence = judged_rounds(run, "loop_coherence", noise["loop_coherence"])
+    trait = judged_rounds(run, "trait_log_odds", noise["trait_log_odds"])
+    return f"Coherence: {_rounds_phrase(coherence)}. Trait: {_rounds_phrase(trait)}."
 
 
 # ---------------------------------------------------------------- figures
@@ -513,7 +545,7 @@ def write_experiments_report(
     for stem, question_arms, title in questions:
         save_figure(arms_figure(runs, question_arms, anchor, title), out / stem)
     atomic_write_text(out / "experiments.csv", experiments_csv(runs))
-    progress = ", ".join(f"`{n}` ({len(r.rounds())} of {r.config.loop.rounds} rounds)" for n, r in runs.items())
+    progress = ", ".join(f"`{n}` ({_progress(r)})" for n, r in runs.items())
     lines = [
         "# Reference experiments: matched controls and seeds",
         "",
@@ -545,6 +577,7 @@ def write_experiments_report(
         "![Q2](q2_barrier_aggregate.png)",
         "",
         *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),
+        *reference_answer(runs, anchor, ref_arms),
         "![Q3](q3_reference.png)",
         "",
         "## Every run, round by round",

@@ -21,8 +21,10 @@ from analyses.experiments import (
     distilled_fraction,
     experiments_csv,
     kl_tail_section,
+    reference_answer,
     reproduction_section,
     round_cells,
+    round_table,
     seed_band,
     seed_group,
     tail_shape,
@@ -210,3 +212,15 @@ def test_q2_answer_names_the_rounds_where_rmse_held_coherence_and_mean_did_not()
     assert "did not (mean's coherence below the anchor's seeds beyond their spread) in rounds [0]" in answer
     assert "Trait: higher in rounds [0]." in answer
     assert Band(0.89, 0.88, 0.90, 2).judge(0.875) == "within" and Band(0.89, 0.89, 0.89, 1).judge(0.5) == "unjudged"
+
+
+def test_q3_answer_judges_the_other_reference_and_says_why_the_loop_stopped_it():
+    prev = replace(_metrics_run("rmse_prev", 1.3, 0.45, "heal.ref=prev"), stopped="coherence 0.45 < 0.5")
+    runs = {"rmse_base": _metrics_run("rmse_base", 1.00, 0.90), "rmse_prev": prev,
+            "rmse_base_seed1": _metrics_run("rmse_base_seed1", 1.02, 0.88, "seed=1"),
+            "mean_base": _metrics_run("mean_base", 1.3, 0.5, "heal.agg=mean")}  # fmt: skip
+    answer = "\n".join(reference_answer(runs, "rmse_base", list(runs)))
+    assert "- `rmse_prev` (rmse KL to prev, lambda" in answer and "mean_base" not in answer, "only the other reference"
+    assert "Coherence: lower in rounds [0]. Trait: higher in rounds [0]. The loop stopped it: coherence 0.45" in answer
+    assert round_table(runs["rmse_prev"])[-2] == "Stopped by the loop: coherence 0.45 < 0.5."
+    assert "Stopped" not in "\n".join(round_table(runs["rmse_base"]))
