@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(PY) cli.py run --config configs/demo.yaml
 
-# The matched experiments of reports/experiments.md (hours on this CPU; resumes if interrupted).
+# The matched experiments of reports/experiments.md (figures beside it) (hours on this CPU; resumes if interrupted).
 experiments: $(STAMP)
 	$(PY) cli.py sweep --config configs/experiments.yaml
 

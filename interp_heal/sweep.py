@@ -26,7 +26,10 @@ class SweepConfig(Section):
     overrides: list[str] = Field(default_factory=list, description="Applied to every run (e.g. loop.rounds=6).")
     runs: dict[str, list[str]] = Field(min_length=1, description="Run name -> its own overrides.")
     anchor: str = Field("rmse_base", description="The reference arm; its seed variants give the noise floor.")
-    report_dir: str = Field("reports/experiments", description="Where the experiments report is written.")
+    report_dir: str = Field(
+        "reports",
+        description="Where the experiments report is written (experiments.md, .csv, one figure per question).",
+    )
 
 
 def load_sweep(path: Path) -> SweepConfig:
