@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from collections.abc import Iterable
@@ -31,7 +30,7 @@ from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text, read_jsonl
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.provenance import code_label
-from interp_heal.report import metric_rows, save_figure
+from interp_heal.report import metric_rows, save_figure, stop_reason
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
@@ -78,8 +77,7 @@ def read_run(name: str, config: Config) -> Run | None:
         if str(row["stage"]).startswith("healed"):
             row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
             row.update(tail_shape(row))
-    stopped = json.loads((root / "stopped.json").read_text())["reason"] if (root / "stopped.json").is_file() else ""
-    return Run(name, config, rows, diary, recorded_code(root), stopped)
+    return Run(name, config, rows, diary, recorded_code(root), stop_reason(root))
 
 
 def recorded_code(root: Path) -> list[str]:

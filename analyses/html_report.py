@@ -25,7 +25,7 @@ from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_jsonl, write_json
 from interp_heal.loop import DEMO_PROMPTS
 from interp_heal.models import load_model
-from interp_heal.report import metric_rows, trajectory_figure
+from interp_heal.report import metric_rows, stop_reason, trajectory_figure
 from interp_heal.steer import SteeringVector
 
 STYLE = """
@@ -163,12 +163,12 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
             _band_mean(diffs, "trait_retained"), _band_mean(diffs, "incoherence_retained"),
         ])  # fmt: skip
     links = " ".join(f'<a href="round_{r:02d}.html">round {r}</a>' for r in rounds)
-    stopped = _read(run / "stopped.json")
+    stopped = stop_reason(run)
     heal = config.heal
     sections = [
         f"<p class='note'>{html.escape(config.model.spec)}, {html.escape(config.persona.axis)} axis; barrier "
         f"{heal.agg} KL to {heal.ref}, tau={heal.tau}, lambda={heal.lam}; {config.loop.rounds} rounds planned, "
-        f"{len(rounds)} finished.{' Stopped early: ' + html.escape(stopped['reason']) if stopped else ''}</p>",
+        f"{len(rounds)} finished.{' Stopped early: ' + html.escape(stopped) if stopped else ''}</p>",
         f"<p>Rounds: {links}</p>",
         "<h2>Trajectory</h2>",
         _figure(trajectory_figure(rows, config), static, first=True),

@@ -34,6 +34,11 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def stop_reason(root: Path) -> str:
+    """Why the loop ended a run before its planned rounds (its stopped.json); empty if it did not."""
+    return str(_read(root / "stopped.json").get("reason", ""))
+
+
 def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]:
     trait = result.get("trait", {})
     row: dict[str, object] = {
@@ -267,9 +272,8 @@ def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, 
     by_stage = {str(r["stage"]): r for r in rows}
     rounds = sorted({int(r["round"]) for r in rows if int(r["round"]) >= 0})
     lines = [f"# Run `{config.output.name}`: {config.model.spec}, {config.persona.axis} axis", ""]
-    stopped = _read(root / "stopped.json")
-    if stopped:
-        lines += [f"**Stopped early:** {stopped['reason']}.", ""]
+    if stopped := stop_reason(root):
+        lines += [f"**Stopped early:** {stopped}.", ""]
     for section in (_stage_table(rows), _filtering(root, rounds), _healing(by_stage, rounds)):
         lines += [*section, ""]
     for section in (_trajectory(by_stage, rounds, config), _diary(root, rounds)):

@@ -32,8 +32,10 @@ from analyses.experiments import (
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
+from interp_heal.io import write_json
 from interp_heal.loop import HEAL_INDEPENDENT_STAGES, run_loop
 from interp_heal.provenance import code_label, provenance
+from interp_heal.report import stop_reason
 from interp_heal.sweep import sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
@@ -224,3 +226,9 @@ def test_q3_answer_judges_the_other_reference_and_says_why_the_loop_stopped_it()
     assert "Coherence: lower in rounds [0]. Trait: higher in rounds [0]. The loop stopped it: coherence 0.45" in answer
     assert round_table(runs["rmse_prev"])[-2] == "Stopped by the loop: coherence 0.45 < 0.5."
     assert "Stopped" not in "\n".join(round_table(runs["rmse_base"]))
+
+
+def test_stop_reason_reads_what_the_loop_writes_and_is_empty_for_a_run_that_was_not_stopped(tmp_path):
+    assert stop_reason(tmp_path) == ""
+    write_json(tmp_path / "stopped.json", {"round": 3, "reason": "healed coherence 0.366 < coh_floor 0.5"})
+    assert stop_reason(tmp_path) == "healed coherence 0.366 < coh_floor 0.5"
