@@ -7,10 +7,11 @@
 2. FLOPs per generated token = 2 x (parameters used per token: every linear layer + the unembedding);
 3. ceiling tok/s = decode-shape GFLOP/s / GFLOP per token;
 4. the loop's generation stage as the demo preset runs it (32 prompts x 2 coefficients in one batch of 64,
-   64 new tokens, sampled, per-row steering) and the layout before it (one batch of 32 per coefficient):
-   tok/s and the fraction of the ceiling. Writes reports/bench_ceiling.md;
+   64 new tokens, sampled, per-row steering, the prompts' shared prefix run once per coefficient) and the
+   layouts before it (every row running its whole prompt; one batch of 32 per coefficient): tok/s and the
+   fraction of the ceiling. Writes reports/bench_ceiling.md;
 5. the best fraction the stage could reach with no overhead at all: only generated tokens count, but every
-   (padded) prompt position costs a forward too, and every row runs to the longest row's end.
+   prompt position run (padded) costs a forward too, and every row runs to the longest row's end.
 
 `--dtype bfloat16` measures the same in bf16 (CPUs with AMX run bf16 matmuls several times faster).
 """
@@ -27,7 +28,7 @@ from _machine import machine_line
 from torch import nn
 
 from interp_heal.config import GenerateConfig, load_config
-from interp_heal.generate import generate_completions
+from interp_heal.generate import generate_completions, shared_prefix_length
 from interp_heal.models import load_model
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.steer import extract_steering_vector
@@ -53,16 +54,19 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def best_fraction(
-    prompt_lengths: list[int], n_coeffs: int, config: GenerateConfig, shapes, unembedding, tokens: int
+    token_rows: list[list[int]], n_coeffs: int, config: GenerateConfig, shapes, unembedding, tokens: int
 ) -> float:
-    """Generated-token FLOPs / all FLOPs of the stage: padded prompt positions (every linear layer but the
-    unembedding, which the prefill runs for the last position only) plus max_new_tokens steps of every row
-    (rows are padded to the batch's longest prompt and run until the batch's last row ends)."""
+    """Generated-token FLOPs / all FLOPs of the stage: prompt positions run (every linear layer but the
+    unembedding, which the prefill runs for the last position only: a shared prefix once per coefficient, the
+    rest padded to the batch's longest) plus max_new_tokens steps of every row (until the batch's last row ends)."""
     per_token = sum(2 * o * i for o, i in shapes)
     body = per_token - 2 * unembedding[0] * unembedding[1]
-    rows = sorted(length for length in prompt_lengths for _ in range(n_coeffs))
+    rows = sorted((row for row in token_rows for _ in range(n_coeffs)), key=len)
     batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
-    prompt_flops = sum(len(batch) * max(batch) * body for batch in batches)
+    prompt_flops = 0
+    for batch in batches:
+        prefix = shared_prefix_length(batch) if config.share_prefix else 0
+        prompt_flops += (n_coeffs * prefix + len(batch) * max(len(row) - prefix for row in batch)) * body
     decode_flops = len(rows) * config.max_new_tokens * per_token
     return tokens * per_token / (prompt_flops + decode_flops)
 
@@ -96,18 +100,26 @@ def main() -> None:
     vector = extract_steering_vector(model, tokenizer, BUILTIN_AXES["love"], context_prompts(16), demo.steer.band)
     prompts = task_prompts()[: demo.generate.n_prompts]
     templated = render_prompts(tokenizer, prompts)
-    prompt_lengths = [len(ids) for ids in tokenizer(templated, add_special_tokens=False)["input_ids"]]
+    token_rows = tokenizer(templated, add_special_tokens=False)["input_ids"]
     unembedding = tuple(model.get_output_embeddings().weight.shape)
     coeffs = demo.steer.coeffs
     rows = []
-    layouts = (("one batch of 64 (per-row coefficients, demo)", 64), ("two batches of 32 (the layout before)", 32))
-    for label, batch_size in layouts:
-        config = demo.generate.model_copy(update={"batch_size": batch_size})
+    layouts = (
+        ("one batch of 64, shared prefix once per coefficient (demo)", 64, True),
+        ("one batch of 64, every row runs its whole prompt (the layout before)", 64, False),
+        ("two batches of 32, every row runs its whole prompt (the layout before that)", 32, False),
+    )
+    prefill_seconds = {}
+    for label, batch_size, share_prefix in layouts:
+        config = demo.generate.model_copy(update={"batch_size": batch_size, "share_prefix": share_prefix})
         tok_s, seconds, tokens = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
-        bound = best_fraction(prompt_lengths, len(coeffs), config, shapes, unembedding, tokens)
+        bound = best_fraction(token_rows, len(coeffs), config, shapes, unembedding, tokens)
         rows.append(f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} | {bound:.0%} |")
-    prefill_config = demo.generate.model_copy(update={"max_new_tokens": 1})
-    _, prefill_seconds, _ = generation_tok_s(model, tokenizer, vector, prefill_config, prompts, coeffs, args.repeats)
+        if batch_size == 64:
+            prefill = config.model_copy(update={"max_new_tokens": 1})
+            prefill_seconds[share_prefix] = generation_tok_s(
+                model, tokenizer, vector, prefill, prompts, coeffs, args.repeats
+            )[1]
     report = "\n".join([
         f"# Compute ceiling and the generation stage ({args.dtype})", "",
         f"`python bench/ceiling.py --repeats {args.repeats} --dtype {args.dtype}`. Machine: {machine_line()}.", "",
@@ -120,7 +132,8 @@ def main() -> None:
         f"{demo.generate.max_new_tokens} new tokens, T={demo.generate.temperature}, top-p {demo.generate.top_p}, "
         f"steered; tokens counted up to each row's EOS; median of {args.repeats}):", "",
         "| layout | seconds | tok/s | of ceiling | best possible (no overhead) |", "|---|---|---|---|---|", *rows, "",
-        f"The prompt prefill alone (the batch of 64 with max_new_tokens = 1) takes {prefill_seconds:.1f} s. "
+        f"The prompt prefill alone (the batch of 64 with max_new_tokens = 1) takes {prefill_seconds[True]:.1f} s "
+        f"with the shared prefix, {prefill_seconds[False]:.1f} s without. "
         "'Best possible' counts the FLOPs the stage cannot avoid in that layout (padded prompt positions, and "
         "every row for max_new_tokens steps) and divides the generated tokens' share by them.", "",
     ])  # fmt: skip

@@ -65,6 +65,9 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k cut.")
     batch_size: int = Field(8, ge=1)
+    share_prefix: bool = Field(
+        True, description="Run the prompts' shared prefix (the chat template's system block) once per coefficient."
+    )
 
 
 # Case-insensitive, matched on whole words after punctuation is stripped.

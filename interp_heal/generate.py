@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from interp_heal.config import GenerateConfig
 from interp_heal.io import write_jsonl
 from interp_heal.personas import render_prompts
-from interp_heal.steer import SteeringVector, steered_generate, tokenize_prompts
+from interp_heal.steer import SteeringVector, steered_generate, steered_logits
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,69 @@ def split_completion(new_ids: list[int], eos_ids: set[int]) -> tuple[list[int], 
     return new_ids, "length"
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share (typically the chat template's system block), leaving at least
+    the last token of the shortest row for generate's first step, which needs a position to predict from."""
+    length, shortest = 0, min(len(row) for row in rows)
+    while length < shortest - 1 and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
+
+
+@dataclass
+class PromptBatch:
+    """What `generate` gets for a batch: token ids, attention mask, and the KV cache of a shared prefix."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prefix_cache: DynamicCache | None
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def generate_kwargs(self) -> dict[str, object]:
+        return {} if self.prefix_cache is None else {"past_key_values": self.prefix_cache}
+
+
+def prompt_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[list[int]],
+    vector: SteeringVector | None,
+    row_coeffs: list[float],
+    generated_only: bool = False,
+    share_prefix: bool = True,
+) -> PromptBatch:
+    """Lay out prompt token rows as [shared prefix | left padding | rest], with the prefix run once per distinct
+    coefficient (steered as generation steers prompts) and its KV cache copied to every row.
+
+    Why: all chat-templated prompts start with the same system block (24 of ~40 tokens for SmolLM2), which a
+    plain left-padded batch runs once per row. HF derives positions from the attention mask's running count, so
+    each token keeps the position it has in the plain layout, and padding inside the sequence is masked like
+    padding on the left: the same computation with fewer prefill positions (tests/test_generate.py checks it).
+    With `share_prefix=False` (or nothing shared) this is the plain left-padded batch.
+    """
+    device = next(model.parameters()).device
+    prefix_length = shared_prefix_length(rows) if share_prefix else 0
+    rests = [row[prefix_length:] for row in rows]
+    width = max(len(rest) for rest in rests)
+    prefix, pad_id = rows[0][:prefix_length], tokenizer.pad_token_id
+    input_ids = [prefix + [pad_id] * (width - len(rest)) + rest for rest in rests]
+    mask = [[1] * prefix_length + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests]
+    batch = PromptBatch(torch.tensor(input_ids, device=device), torch.tensor(mask, device=device), None)
+    if prefix_length == 0:
+        return batch
+    prefix_coeffs = [0.0] * len(rows) if generated_only else row_coeffs
+    distinct = sorted(set(prefix_coeffs))
+    prefix_ids = batch.input_ids[:1, :prefix_length].expand(len(distinct), -1)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    prefix_inputs = {"input_ids": prefix_ids, "attention_mask": torch.ones_like(prefix_ids)}
+    steered_logits(model, tokenizer, prefix_inputs, vector, distinct, past_key_values=cache, logits_to_keep=1)
+    cache.reorder_cache(torch.tensor([distinct.index(c) for c in prefix_coeffs], device=device))
+    batch.prefix_cache = cache
+    return batch
+
+
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
@@ -113,26 +176,28 @@ def generate_completions(
     generated_only: bool = False,
 ) -> list[Completion]:
     """Sample every prompt at every coefficient. Rows are (prompt, coefficient) pairs sorted by prompt length
-    (less padding) and batched together, doses mixed within a batch (each row carries its own coefficient).
+    (less padding) and batched together, doses mixed within a batch (each row carries its own coefficient); the
+    prompts' shared prefix runs once per coefficient (`prompt_batch`).
 
     Each batch is seeded with `seed + batch index`, so a rerun with the same inputs is identical.
     """
-    device = next(model.parameters()).device
-    templated = render_prompts(tokenizer, prompts)
-    lengths = [len(ids) for ids in tokenizer(templated, add_special_tokens=False)["input_ids"]]
-    rows = sorted(((i, c) for c in range(len(coeffs)) for i in range(len(prompts))), key=lambda row: lengths[row[0]])
+    token_rows = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    pairs = ((i, c) for c in range(len(coeffs)) for i in range(len(prompts)))
+    rows = sorted(pairs, key=lambda row: len(token_rows[row[0]]))
     eos_ids = _eos_ids(tokenizer, model)
     batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
     keyed: list[tuple[int, int, Completion]] = []
     for batch_index, batch in enumerate(tqdm(batches, desc="generate", leave=False)):
         batch_seed = seed + batch_index
         torch.manual_seed(batch_seed)
-        inputs = dict(tokenize_prompts(tokenizer, [templated[i] for i, _ in batch], device))
         row_coeffs = [coeffs[c] for _, c in batch]
+        batch_rows = [token_rows[i] for i, _ in batch]
+        prompt = prompt_batch(model, tokenizer, batch_rows, vector, row_coeffs, generated_only, config.share_prefix)
+        kwargs = {**sampling_kwargs(config), **prompt.generate_kwargs()}
         sequences = steered_generate(
-            model, tokenizer, inputs, vector, row_coeffs, generated_only=generated_only, **sampling_kwargs(config)
+            model, tokenizer, prompt.inputs(), vector, row_coeffs, generated_only=generated_only, **kwargs
         )
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        new_tokens = sequences[:, prompt.input_ids.shape[1] :].tolist()
         for (index, coeff_index), new_ids in zip(batch, new_tokens, strict=True):
             token_ids, finish_reason = split_completion(new_ids, eos_ids)
             text = tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -239,11 +239,12 @@ def steered_logits(
     tokenizer: PreTrainedTokenizerBase,
     inputs: dict[str, torch.Tensor],
     vector: SteeringVector | None,
-    coeff: float,
+    coeff: float | list[float],
     remote: Remote = False,
     **forward_kwargs: object,
 ) -> torch.Tensor:
-    """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`.
+    """Logits of one forward with coeff * v added to every band layer's output at every position of `inputs`;
+    `coeff` is one coefficient for the batch or one per row.
 
     `forward_kwargs` go to the model's forward: `logits_to_keep=k` (logits of the last k positions only), or
     `past_key_values` (then only the new positions are steered: the cached ones were when they were computed).
@@ -251,7 +252,7 @@ def steered_logits(
     nn_model, layers = wrap(model, tokenizer)
     if vector is not None:
         check_fits(vector, model)
-    injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
+    injection = _injection(model, vector, coeff)
     with nn_model.trace(inputs, **_remote_kwargs(remote), **forward_kwargs):
         add_steering(layers, injection)
         logits = nn_model.lm_head.output.save()
@@ -281,11 +282,9 @@ def steered_states(
     return logits, torch.stack(list(states))
 
 
-def _generation_injection(
-    model: nn.Module, vector: SteeringVector | None, coeff: float | list[float]
-) -> dict[int, torch.Tensor]:
-    """Per band layer, the delta to add during generation ([B, 1, d] for per-row coefficients); empty when
-    nothing is steered (no vector, or only zero coefficients)."""
+def _injection(model: nn.Module, vector: SteeringVector | None, coeff: float | list[float]) -> dict[int, torch.Tensor]:
+    """Per band layer, the delta to add ([B, 1, d] for per-row coefficients); empty when nothing is steered
+    (no vector, or only zero coefficients)."""
     row_coeffs = coeff if isinstance(coeff, list) else [coeff]
     if vector is None or not any(row_coeffs):
         return {}
@@ -314,7 +313,7 @@ def steered_generate(
     object with its KV cache when `return_dict_in_generate=True`); run remotely it is an unsteered trace.
     """
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    injection = _generation_injection(model, vector, coeff)
+    injection = _injection(model, vector, coeff)
     if not injection and not remote:
         with torch.inference_mode():
             return model.generate(**inputs, **generate_kwargs)

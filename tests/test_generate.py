@@ -3,9 +3,17 @@ import torch
 from transformers import TopPLogitsWarper
 
 from interp_heal.config import GenerateConfig
-from interp_heal.generate import NucleusSampler, generate_completions, split_completion, write_completions
+from interp_heal.generate import (
+    NucleusSampler,
+    generate_completions,
+    prompt_batch,
+    shared_prefix_length,
+    split_completion,
+    write_completions,
+)
 from interp_heal.io import read_jsonl
-from interp_heal.personas import task_prompts
+from interp_heal.personas import render_prompts, task_prompts
+from interp_heal.steer import steered_generate, tokenize_prompts
 from tests.test_steer import _random_vector
 
 SAMPLING = GenerateConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, batch_size=2)
@@ -58,3 +66,33 @@ def test_nucleus_sampler_draws_the_renormalised_nucleus(scale, search):
     frequencies = torch.bincount(draws, minlength=40).float() / len(draws)
     assert (frequencies[target == 0] == 0).all()
     assert (frequencies - target).abs().max() < 0.02
+
+
+def test_shared_prefix_length_leaves_a_token_to_predict_from():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+
+
+@pytest.mark.parametrize("generated_only", [False, True])
+def test_shared_prefix_batch_generates_what_the_plain_left_padded_batch_does(tiny_model, tokenizer, generated_only):
+    """The prefix-cached layout is an optimisation only: every step's logits match HF generate on the plain
+    left-padded batch, with per-row coefficients (the cached prefix is steered per row too)."""
+    templated = render_prompts(tokenizer, task_prompts(3) * 2)
+    vector, row_coeffs = _random_vector(scale=2.0), [0.0] * 3 + [1.5] * 3
+    rows = tokenizer(templated, add_special_tokens=False)["input_ids"]
+    assert shared_prefix_length(rows) > 10
+    steps = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+
+    def step_logits(inputs, **kwargs):
+        output = steered_generate(tiny_model, tokenizer, inputs, vector, row_coeffs, generated_only, **kwargs, **steps)
+        return torch.stack(output.logits)
+
+    batch = prompt_batch(tiny_model, tokenizer, rows, vector, row_coeffs, generated_only)
+    shared = step_logits(batch.inputs(), **batch.generate_kwargs())
+    plain = step_logits(dict(tokenize_prompts(tokenizer, templated, torch.device("cpu"))))
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+    unshared = prompt_batch(tiny_model, tokenizer, rows, vector, row_coeffs, generated_only, share_prefix=False)
+    assert unshared.prefix_cache is None and unshared.generate_kwargs() == {}
+    assert torch.equal(unshared.input_ids, tokenize_prompts(tokenizer, templated, torch.device("cpu"))["input_ids"])
+    assert (plain[:, :3] - plain[:, 3:]).abs().max() > 0.1  # the steering moves the logits: the check has teeth
