@@ -11,7 +11,8 @@
    layouts before it (every row running its whole prompt; one batch of 32 per coefficient): tok/s and the
    fraction of the ceiling. Writes reports/bench_ceiling.md;
 5. the best fraction the stage could reach with no overhead at all: only generated tokens count, but every
-   prompt position run (padded) costs a forward too, and every row runs to the longest row's end.
+   prompt position run (padded) costs a forward too, and every row runs to the longest row's end; and the
+   same with the time the decode steps need just to read the KV cache at the machine's measured bandwidth.
 
 `--dtype bfloat16` measures the same in bf16 (CPUs with AMX run bf16 matmuls several times faster).
 """
@@ -53,22 +54,48 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def best_fraction(
-    token_rows: list[list[int]], n_coeffs: int, config: GenerateConfig, shapes, unembedding, tokens: int
-) -> float:
-    """Generated-token FLOPs / all FLOPs of the stage: prompt positions run (every linear layer but the
-    unembedding, which the prefill runs for the last position only: a shared prefix once per coefficient, the
-    rest padded to the batch's longest) plus max_new_tokens steps of every row (until the batch's last row ends)."""
-    per_token = sum(2 * o * i for o, i in shapes)
-    body = per_token - 2 * unembedding[0] * unembedding[1]
+def layout_batches(token_rows: list[list[int]], n_coeffs: int, config: GenerateConfig) -> list[tuple[int, int, int]]:
+    """Per batch of the stage: (rows, shared prefix run once per coefficient, positions every row runs)."""
     rows = sorted((row for row in token_rows for _ in range(n_coeffs)), key=len)
     batches = [rows[start : start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
-    prompt_flops = 0
-    for batch in batches:
-        prefix = shared_prefix_length(batch) if config.share_prefix else 0
-        prompt_flops += (n_coeffs * prefix + len(batch) * max(len(row) - prefix for row in batch)) * body
-    decode_flops = len(rows) * config.max_new_tokens * per_token
-    return tokens * per_token / (prompt_flops + decode_flops)
+    prefixes = [shared_prefix_length(batch) if config.share_prefix else 0 for batch in batches]
+    return [
+        (len(batch), prefix, max(len(row) - prefix for row in batch))
+        for batch, prefix in zip(batches, prefixes, strict=True)
+    ]
+
+
+def stage_flops(batches: list[tuple[int, int, int]], n_coeffs: int, config: GenerateConfig, shapes, unembedding):
+    """FLOPs the stage cannot avoid in its layout: prompt positions (every linear layer but the unembedding, which
+    the prefill runs for the last position only) and max_new_tokens steps of every row (to the batch's last row's
+    end). Returns (all FLOPs, FLOPs per generated token)."""
+    per_token = sum(2 * o * i for o, i in shapes)
+    body = per_token - 2 * unembedding[0] * unembedding[1]
+    prompt_flops = sum((n_coeffs * prefix + rows * rest) * body for rows, prefix, rest in batches)
+    decode_flops = sum(rows for rows, _, _ in batches) * config.max_new_tokens * per_token
+    return prompt_flops + decode_flops, per_token
+
+
+def kv_read_bytes(batches: list[tuple[int, int, int]], config: GenerateConfig, model: nn.Module, dtype) -> int:
+    """Bytes of KV cache every decode step's attention reads: each row, each layer, keys and values of every
+    position so far (prompt width + tokens generated)."""
+    model_config = model.config
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    per_position = model_config.num_hidden_layers * 2 * model_config.num_key_value_heads * head_dim
+    per_position *= torch.finfo(dtype).bits // 8
+    steps = range(1, config.max_new_tokens + 1)
+    return sum(rows * (prefix + rest + step) * per_position for rows, prefix, rest in batches for step in steps)
+
+
+def read_bandwidth(repeats: int) -> float:
+    """GB/s of reading a 512 MiB float32 tensor (a sum), the rate the KV cache and weights stream at."""
+    block = torch.ones(2**27)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        block.sum()
+        timings.append(time.perf_counter() - started)
+    return block.numel() * 4 / min(timings[1:]) / 1e9
 
 
 def generation_tok_s(model, tokenizer, vector, config: GenerateConfig, prompts: list[str], coeffs, repeats: int):
@@ -96,6 +123,7 @@ def main() -> None:
     decode_gflops = gflops(64, shapes, args.repeats, dtype)
     peak_gflops = gflops(2048, [(2048, 2048)] * 4, args.repeats, dtype)
     ceiling = decode_gflops / gflop_per_token
+    bandwidth = read_bandwidth(args.repeats)
     demo = load_config("configs/demo.yaml")
     vector = extract_steering_vector(model, tokenizer, BUILTIN_AXES["love"], context_prompts(16), demo.steer.band)
     prompts = task_prompts()[: demo.generate.n_prompts]
@@ -113,8 +141,15 @@ def main() -> None:
     for label, batch_size, share_prefix in layouts:
         config = demo.generate.model_copy(update={"batch_size": batch_size, "share_prefix": share_prefix})
         tok_s, seconds, tokens = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
-        bound = best_fraction(token_rows, len(coeffs), config, shapes, unembedding, tokens)
-        rows.append(f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} | {bound:.0%} |")
+        batches = layout_batches(token_rows, len(coeffs), config)
+        flops, per_token = stage_flops(batches, len(coeffs), config, shapes, unembedding)
+        ideal_seconds, gemm_seconds = tokens * per_token / (decode_gflops * 1e9), flops / (decode_gflops * 1e9)
+        kv_seconds = kv_read_bytes(batches, config, model, dtype) / (bandwidth * 1e9)
+        bound, kv_bound = ideal_seconds / gemm_seconds, ideal_seconds / (gemm_seconds + kv_seconds)
+        rows.append(
+            f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} | {bound:.0%} | {kv_seconds:.1f} | "
+            f"{kv_bound:.0%} |"
+        )
         if batch_size == 64:
             prefill = config.model_copy(update={"max_new_tokens": 1})
             prefill_seconds[share_prefix] = generation_tok_s(
@@ -131,11 +166,16 @@ def main() -> None:
         f"Generation stage as the loop runs it ({len(prompts)} prompts x {len(coeffs)} coefficients, "
         f"{demo.generate.max_new_tokens} new tokens, T={demo.generate.temperature}, top-p {demo.generate.top_p}, "
         f"steered; tokens counted up to each row's EOS; median of {args.repeats}):", "",
-        "| layout | seconds | tok/s | of ceiling | best possible (no overhead) |", "|---|---|---|---|---|", *rows, "",
+        f"- memory read bandwidth (sum of a 512 MiB tensor): {bandwidth:.1f} GB/s.", "",
+        "| layout | seconds | tok/s | of ceiling | best possible (GEMMs only) | KV cache reads, s | best possible "
+        "(GEMMs + KV reads) |", "|---|---|---|---|---|---|---|", *rows, "",
         f"The prompt prefill alone (the batch of 64 with max_new_tokens = 1) takes {prefill_seconds[True]:.1f} s "
         f"with the shared prefix, {prefill_seconds[False]:.1f} s without. "
-        "'Best possible' counts the FLOPs the stage cannot avoid in that layout (padded prompt positions, and "
-        "every row for max_new_tokens steps) and divides the generated tokens' share by them.", "",
+        "'Best possible (GEMMs only)' counts the FLOPs the stage cannot avoid in that layout (padded prompt "
+        "positions, and every row for max_new_tokens steps) and divides the generated tokens' share by them. "
+        "'KV cache reads' is the time the decode steps' attention needs just to read the cache once at the measured "
+        "bandwidth (every row attends to its whole padded prompt and the tokens so far); the last column adds it to "
+        "the GEMM time, a tighter bound that still leaves out norms, RoPE, sampling and Python.", "",
     ])  # fmt: skip
     print(report)
     out.write_text(report)
