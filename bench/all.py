@@ -18,8 +18,8 @@ from _machine import machine_line
 # Report name (reports/bench_<name>.md) -> the script and its arguments. The bf16 rows show what a CPU with
 # bf16 matmul units (AMX) gains; on one without them they are slower than fp32.
 BENCHMARKS = {
-    "ceiling": ["ceiling"],
-    "ceiling_bf16": ["ceiling", "--dtype", "bfloat16"],
+    "ceiling": ["ceiling", "--repeats", "5"],
+    "ceiling_bf16": ["ceiling", "--dtype", "bfloat16", "--repeats", "5"],
     "steer_generate": ["steer_generate"],
     "heal_step": ["heal_step"],
     "eval_rows": ["eval_rows"],

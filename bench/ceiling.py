@@ -98,14 +98,18 @@ def read_bandwidth(repeats: int) -> float:
     return block.numel() * 4 / min(timings[1:]) / 1e9
 
 
-def generation_tok_s(model, tokenizer, vector, config: GenerateConfig, prompts: list[str], coeffs, repeats: int):
-    timings, tokens = [], 0
+def timed_layouts(model, tokenizer, vector, configs: dict[str, GenerateConfig], prompts, coeffs, repeats: int):
+    """Seconds of every repeat and generated tokens per layout. The layouts take turns (ABCABC...), so a drift in
+    the machine's speed (+-10% over minutes here) hits all of them alike."""
+    timings: dict[str, list[float]] = {name: [] for name in configs}
+    tokens: dict[str, int] = {}
     for repeat in range(repeats):
-        started = time.perf_counter()
-        records = generate_completions(model, tokenizer, prompts, vector, coeffs, config, seed=repeat)
-        timings.append(time.perf_counter() - started)
-        tokens = sum(len(r.token_ids) for r in records)
-    return tokens / statistics.median(timings), statistics.median(timings), tokens
+        for name, config in configs.items():
+            started = time.perf_counter()
+            records = generate_completions(model, tokenizer, prompts, vector, coeffs, config, seed=repeat)
+            timings[name].append(time.perf_counter() - started)
+            tokens[name] = sum(len(r.token_ids) for r in records)
+    return timings, tokens
 
 
 def main() -> None:
@@ -132,29 +136,34 @@ def main() -> None:
     unembedding = tuple(model.get_output_embeddings().weight.shape)
     coeffs = demo.steer.coeffs
     rows = []
-    layouts = (
-        ("one batch of 64, shared prefix once per coefficient (demo)", 64, True),
-        ("one batch of 64, every row runs its whole prompt (the layout before)", 64, False),
-        ("two batches of 32, every row runs its whole prompt (the layout before that)", 32, False),
-    )
-    prefill_seconds = {}
-    for label, batch_size, share_prefix in layouts:
-        config = demo.generate.model_copy(update={"batch_size": batch_size, "share_prefix": share_prefix})
-        tok_s, seconds, tokens = generation_tok_s(model, tokenizer, vector, config, prompts, coeffs, args.repeats)
-        batches = layout_batches(token_rows, len(coeffs), config)
-        flops, per_token = stage_flops(batches, len(coeffs), config, shapes, unembedding)
-        ideal_seconds, gemm_seconds = tokens * per_token / (decode_gflops * 1e9), flops / (decode_gflops * 1e9)
-        kv_seconds = kv_read_bytes(batches, config, model, dtype) / (bandwidth * 1e9)
+    layouts = {
+        "one batch of 64, shared prefix once per coefficient (demo)": (64, True),
+        "one batch of 64, every row runs its whole prompt (the layout before)": (64, False),
+        "two batches of 32, every row runs its whole prompt (the layout before that)": (32, False),
+    }
+    configs = {
+        label: demo.generate.model_copy(update={"batch_size": batch_size, "share_prefix": share_prefix})
+        for label, (batch_size, share_prefix) in layouts.items()
+    }
+    for share_prefix in (True, False):  # the prompt prefill alone: the batch of 64 with max_new_tokens = 1
+        update = {"batch_size": 64, "share_prefix": share_prefix, "max_new_tokens": 1}
+        configs[f"prefill {share_prefix}"] = demo.generate.model_copy(update=update)
+    timings, tokens = timed_layouts(model, tokenizer, vector, configs, prompts, coeffs, args.repeats)
+    for label in layouts:
+        seconds = statistics.median(timings[label])
+        tok_s = tokens[label] / seconds
+        batches = layout_batches(token_rows, len(coeffs), configs[label])
+        flops, per_token = stage_flops(batches, len(coeffs), configs[label], shapes, unembedding)
+        ideal_seconds, gemm_seconds = tokens[label] * per_token / (decode_gflops * 1e9), flops / (decode_gflops * 1e9)
+        kv_seconds = kv_read_bytes(batches, configs[label], model, dtype) / (bandwidth * 1e9)
         bound, kv_bound = ideal_seconds / gemm_seconds, ideal_seconds / (gemm_seconds + kv_seconds)
         rows.append(
             f"| {label} | {seconds:.1f} | {tok_s:.0f} | {tok_s / ceiling:.0%} | {bound:.0%} | {kv_seconds:.1f} | "
             f"{kv_bound:.0%} |"
         )
-        if batch_size == 64:
-            prefill = config.model_copy(update={"max_new_tokens": 1})
-            prefill_seconds[share_prefix] = generation_tok_s(
-                model, tokenizer, vector, prefill, prompts, coeffs, args.repeats
-            )[1]
+    shared, whole = (timings[label] for label in list(layouts)[:2])
+    paired = [a / b for a, b in zip(shared, whole, strict=True)]
+    prefill_seconds = {share: statistics.median(timings[f"prefill {share}"]) for share in (True, False)}
     report = "\n".join([
         f"# Compute ceiling and the generation stage ({args.dtype})", "",
         f"`python bench/ceiling.py --repeats {args.repeats} --dtype {args.dtype}`. Machine: {machine_line()}.", "",
@@ -170,7 +179,9 @@ def main() -> None:
         "| layout | seconds | tok/s | of ceiling | best possible (GEMMs only) | KV cache reads, s | best possible "
         "(GEMMs + KV reads) |", "|---|---|---|---|---|---|---|", *rows, "",
         f"The prompt prefill alone (the batch of 64 with max_new_tokens = 1) takes {prefill_seconds[True]:.1f} s "
-        f"with the shared prefix, {prefill_seconds[False]:.1f} s without. "
+        f"with the shared prefix, {prefill_seconds[False]:.1f} s without. The whole stage with the shared prefix "
+        f"over the stage without it, repeat by repeat: {', '.join(f'{r:.3f}' for r in paired)} "
+        f"(median {statistics.median(paired):.3f}). "
         "'Best possible (GEMMs only)' counts the FLOPs the stage cannot avoid in that layout (padded prompt "
         "positions, and every row for max_new_tokens steps) and divides the generated tokens' share by them. "
         "'KV cache reads' is the time the decode steps' attention needs just to read the cache once at the measured "
