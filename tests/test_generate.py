@@ -89,6 +89,7 @@ def test_shared_prefix_batch_generates_what_the_plain_left_padded_batch_does(tin
         return torch.stack(output.logits)
 
     batch = prompt_batch(tiny_model, tokenizer, rows, vector, row_coeffs, generated_only)
+    assert not batch.attention_mask.all()  # rows of different lengths: padding sits between prefix and rest
     shared = step_logits(batch.inputs(), **batch.generate_kwargs())
     plain = step_logits(dict(tokenize_prompts(tokenizer, templated, torch.device("cpu"))))
     torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
