@@ -105,6 +105,18 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
     return length
 
 
+def sliding_window(model: nn.Module) -> int | None:
+    """The sliding attention window of the model's windowed layers, or None when every layer sees the whole
+    sequence (Llama; Qwen2 with its window switched off; Gemma 3 has windowed layers)."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
 @dataclass
 class PromptBatch:
     """What `generate` gets for a batch: token ids, attention mask, and the KV cache of a shared prefix."""
@@ -126,8 +138,8 @@ def prompt_batch(
     rows: list[list[int]],
     vector: SteeringVector | None,
     row_coeffs: list[float],
+    config: GenerateConfig,
     generated_only: bool = False,
-    share_prefix: bool = True,
 ) -> PromptBatch:
     """Lay out prompt token rows as [shared prefix | left padding | rest], with the prefix run once per distinct
     coefficient (steered as generation steers prompts) and its KV cache copied to every row.
@@ -136,10 +148,15 @@ def prompt_batch(
     plain left-padded batch runs once per row. HF derives positions from the attention mask's running count, so
     each token keeps the position it has in the plain layout, and padding inside the sequence is masked like
     padding on the left: the same computation with fewer prefill positions (tests/test_generate.py checks it).
-    With `share_prefix=False` (or nothing shared) this is the plain left-padded batch.
+    Not with a sliding window shorter than the sequence: a window counts cache slots, and padding inside the
+    sequence would take slots from real tokens. Then, with `config.share_prefix` off, or nothing shared, this is
+    the plain left-padded batch.
     """
     device = next(model.parameters()).device
-    prefix_length = shared_prefix_length(rows) if share_prefix else 0
+    window = sliding_window(model)
+    longest = max(len(row) for row in rows) + config.max_new_tokens
+    share = config.share_prefix and (window is None or window >= longest)
+    prefix_length = shared_prefix_length(rows) if share else 0
     rests = [row[prefix_length:] for row in rows]
     width = max(len(rest) for rest in rests)
     prefix, pad_id = rows[0][:prefix_length], tokenizer.pad_token_id
@@ -192,7 +209,7 @@ def generate_completions(
         torch.manual_seed(batch_seed)
         row_coeffs = [coeffs[c] for _, c in batch]
         batch_rows = [token_rows[i] for i, _ in batch]
-        prompt = prompt_batch(model, tokenizer, batch_rows, vector, row_coeffs, generated_only, config.share_prefix)
+        prompt = prompt_batch(model, tokenizer, batch_rows, vector, row_coeffs, config, generated_only)
         kwargs = {**sampling_kwargs(config), **prompt.generate_kwargs()}
         sequences = steered_generate(
             model, tokenizer, prompt.inputs(), vector, row_coeffs, generated_only=generated_only, **kwargs
