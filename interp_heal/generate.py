@@ -14,6 +14,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Pre
 from interp_heal.config import GenerateConfig
 from interp_heal.io import write_jsonl
 from interp_heal.personas import render_prompts
+from interp_heal.sequences import pad_left
 from interp_heal.steer import SteeringVector, steered_generate, steered_logits
 
 
@@ -157,21 +158,20 @@ def prompt_batch(
     longest = max(len(row) for row in rows) + config.max_new_tokens
     share = config.share_prefix and (window is None or window >= longest)
     prefix_length = shared_prefix_length(rows) if share else 0
-    rests = [row[prefix_length:] for row in rows]
-    width = max(len(rest) for rest in rests)
-    prefix, pad_id = rows[0][:prefix_length], tokenizer.pad_token_id
-    input_ids = [prefix + [pad_id] * (width - len(rest)) + rest for rest in rests]
-    mask = [[1] * prefix_length + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests]
-    batch = PromptBatch(torch.tensor(input_ids, device=device), torch.tensor(mask, device=device), None)
+    rests = pad_left([row[prefix_length:] for row in rows], [[] for _ in rows], tokenizer.pad_token_id, device)
+    prefix = rests.input_ids.new_tensor(rows[0][:prefix_length]).expand(len(rows), -1)
+    input_ids = torch.cat([prefix, rests.input_ids], dim=1)
+    batch = PromptBatch(input_ids, torch.cat([torch.ones_like(prefix), rests.attention_mask], dim=1), None)
     if prefix_length == 0:
         return batch
     prefix_coeffs = [0.0] * len(rows) if generated_only else row_coeffs
     distinct = sorted(set(prefix_coeffs))
-    prefix_ids = batch.input_ids[:1, :prefix_length].expand(len(distinct), -1)
+    prefix_ids = prefix[: len(distinct)]
     cache = DynamicCache(config=getattr(model, "config", None))
     prefix_inputs = {"input_ids": prefix_ids, "attention_mask": torch.ones_like(prefix_ids)}
-    steered_logits(model, tokenizer, prefix_inputs, vector, distinct, past_key_values=cache, logits_to_keep=1)
-    cache.reorder_cache(torch.tensor([distinct.index(c) for c in prefix_coeffs], device=device))
+    with torch.inference_mode():  # as generate runs: no autograd graph behind the cached keys and values
+        steered_logits(model, tokenizer, prefix_inputs, vector, distinct, past_key_values=cache, logits_to_keep=1)
+        cache.reorder_cache(torch.tensor([distinct.index(c) for c in prefix_coeffs], device=device))
     batch.prefix_cache = cache
     return batch
 
