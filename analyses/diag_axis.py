@@ -20,7 +20,8 @@ from interp_heal.errors import DataError
 from interp_heal.evaluate import evaluate
 from interp_heal.io import write_json
 from interp_heal.mfv import FOUNDATIONS, Steering
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
+from interp_heal.paired_items import readout_items
 from interp_heal.personas import context_prompts, persona_pair
 from interp_heal.report import save_figure
 from interp_heal.steer import extract_steering_vector
@@ -41,14 +42,15 @@ def evaluations_from_run(run: Path, round_index: int = 0) -> dict[str, dict]:
 
 
 def evaluations_from_config(config: Config, coeff: float) -> dict[str, dict]:
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, _ = load_configured_model(config.model)
     pair = persona_pair(config.persona)
+    readout = readout_items(config.persona)
     contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
     vector = extract_steering_vector(model, tokenizer, pair, contexts, config.steer.band, config.steer.batch_size)
     return {
-        "base": evaluate(model, tokenizer, pair.axis, config.eval, seed=config.seed),
-        "steered": evaluate(model, tokenizer, pair.axis, config.eval, Steering(vector, coeff), seed=config.seed),
-        "prompt": evaluate(model, tokenizer, pair.axis, config.eval, persona=pair.pos, seed=config.seed),
+        "base": evaluate(model, tokenizer, readout, config.eval, seed=config.seed),
+        "steered": evaluate(model, tokenizer, readout, config.eval, Steering(vector, coeff), seed=config.seed),
+        "prompt": evaluate(model, tokenizer, readout, config.eval, persona=pair.pos, seed=config.seed),
     }
 
 

@@ -18,6 +18,7 @@ from interp_heal.config import load_config
 from interp_heal.evaluate import evaluate
 from interp_heal.mfv import load_protocol, load_vignettes, resolve_data_dir, score_frames
 from interp_heal.models import load_model
+from interp_heal.paired_items import readout_items
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
             f"| MFV, {think} think tokens | {len(rows)} rows | {seconds:.1f} | {len(rows) / seconds:.2f} rows/s |"
         )
     started = time.perf_counter()
-    evaluate(model, tokenizer, "love", demo.eval)
+    evaluate(model, tokenizer, readout_items(demo.persona), demo.eval)
     seconds = time.perf_counter() - started
     whole = f"whole demo `evaluate` (trait + neutral + {demo.eval.n_vignettes} MFV rows)"
     lines.append(f"| {whole} | - | {seconds:.1f} | - |")

@@ -23,3 +23,7 @@ class DataError(InterpHealError):
 
 class RunLockedError(InterpHealError):
     """Another process holds the run folder."""
+
+
+class AxisNotExpressibleError(InterpHealError):
+    """check-axis found that the trait readout cannot see the persona axis on this model."""

@@ -1,8 +1,8 @@
 """Evaluate a model (base, steered, baked student, or prompted with a persona) on three readouts.
 
-1. Trait: paired-response log-odds. For each scenario of an axis, the mean per-token log p of a reply that
-   acts out the pos persona minus that of a reply acting out the neg persona, teacher-forced; mean over
-   scenarios with a bootstrap CI. Works at 135M, where MFV cannot see the trait.
+1. Trait: paired-response log-odds. For each scenario (`paired_items.py`: built-in or the user's file), the
+   mean per-token log p of a reply that acts out the pos persona minus that of a reply acting out the neg
+   persona, teacher-forced; mean over scenarios with a bootstrap CI. Works at 135M, where MFV cannot see the trait.
 2. Coherence at small scale: per-token NLL of fixed neutral fluent answers (capability drift), and mean /
    rmse KL(model || base) on those answers.
 3. MFV (`mfv.py`): the tinymfv forced-choice protocol, care_nats / auth_nats and its own validity numbers
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -23,9 +22,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from interp_heal.config import EvalConfig
-from interp_heal.errors import DataError
 from interp_heal.io import write_json, write_jsonl
 from interp_heal.mfv import (
+    COMPAT_QUIRKS,
     Steering,
     load_protocol,
     load_vignettes,
@@ -34,6 +33,7 @@ from interp_heal.mfv import (
     stratified_subset,
     summarise_mfv,
 )
+from interp_heal.paired_items import ReadoutItems
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import base_model, continuation_logprobs, kl_from_logprobs, pad_left
 from interp_heal.steer import steered_logits
@@ -41,23 +41,6 @@ from interp_heal.steer import steered_logits
 # Irrelevant persona pair for the validity check: a real trait readout must separate the axis' pos/neg
 # personas by more than it separates these.
 PLACEBO_PAIR = ("You like tidy kitchens.", "You like long walks.")
-
-
-@dataclass(frozen=True)
-class PairedItem:
-    id: str
-    scenario: str
-    pos: str
-    neg: str
-
-
-@cache
-def paired_items(axis: str) -> tuple[PairedItem, ...]:
-    resource = files("interp_heal").joinpath("data", f"paired_{axis}.jsonl")
-    if not resource.is_file():
-        raise DataError(f"no paired-response items for axis {axis!r} (interp_heal/data/paired_{axis}.jsonl)")
-    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return tuple(PairedItem(r["id"], r["scenario"], r["pos"], r["neg"]) for r in rows)
 
 
 @cache
@@ -115,23 +98,23 @@ def bootstrap_ci(values: torch.Tensor, n_resamples: int, seed: int = 0) -> tuple
 def trait_log_odds(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    axis: str,
+    readout: ReadoutItems,
     config: EvalConfig,
     steering: Steering | None = None,
     persona: str | None = None,
 ) -> dict[str, object]:
     """Mean over scenarios of [mean log p(pos reply) - mean log p(neg reply)] in nats/token, with a CI."""
-    items = paired_items(axis)
+    items = readout.items
     users = [item.scenario for item in items]
     pos, _ = reply_logprobs(model, tokenizer, users, [i.pos for i in items], config.batch_size, steering, persona)
     neg, _ = reply_logprobs(model, tokenizer, users, [i.neg for i in items], config.batch_size, steering, persona)
     per_item = torch.tensor([float(p.mean() - n.mean()) for p, n in zip(pos, neg, strict=True)])
     low, high = bootstrap_ci(per_item, config.n_bootstrap)
     return {
-        "axis": axis,
+        "axis": readout.axis,
         "log_odds": float(per_item.mean()),
         "ci95": [low, high],
-        "n_items": len(items),
+        **readout.provenance(),
         "per_item": [float(x) for x in per_item],
     }
 
@@ -177,7 +160,7 @@ def neutral_coherence(
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    axis: str,
+    readout: ReadoutItems,
     config: EvalConfig,
     steering: Steering | None = None,
     persona: str | None = None,
@@ -185,7 +168,7 @@ def evaluate(
 ) -> dict[str, object]:
     """Every readout for one model state; `per_row` (MFV rows) is returned under its own key."""
     result: dict[str, object] = {
-        "trait": trait_log_odds(model, tokenizer, axis, config, steering, persona),
+        "trait": trait_log_odds(model, tokenizer, readout, config, steering, persona),
         **neutral_coherence(model, tokenizer, config, steering, persona),
         "think_tokens": config.think_tokens,
         "config": config.model_dump(mode="json"),
@@ -195,9 +178,17 @@ def evaluate(
         protocol = load_protocol(data_dir, config.protocol)
         rows = stratified_subset(load_vignettes(data_dir, config.set_name, config.condition), config.n_vignettes, seed)
         frames = score_frames(
-            model, tokenizer, protocol, rows, config.think_tokens, config.batch_size, steering, persona
+            model,
+            tokenizer,
+            protocol,
+            rows,
+            config.think_tokens,
+            config.batch_size,
+            steering,
+            persona,
+            COMPAT_QUIRKS[config.compat],
         )
-        result.update(summarise_mfv(protocol, rows, frames))
+        result.update(summarise_mfv(protocol, rows, frames), mfv_compat=config.compat)
     return result
 
 

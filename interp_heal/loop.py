@@ -29,16 +29,18 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
-from interp_heal.errors import ConfigError, DataError, RunLockedError
+from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError, RunLockedError
 from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
 from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
 from interp_heal.io import check_writable, sha256_file, write_json
 from interp_heal.mfv import Steering
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
+from interp_heal.paired_items import ReadoutItems, overlapping_ids, readout_items
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
 from interp_heal.provenance import provenance
 from interp_heal.report import write_metrics, write_report
@@ -173,7 +175,8 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
 # Stages that read no `heal` field: runs whose configs differ only in `heal` compute them identically, so a sweep
 # copies them from the first such run instead of recomputing (everything after the first heal depends on it).
 HEAL_INDEPENDENT_STAGES = (
-    "base/eval", "prompt/eval", "base/demo", "round_00/vector", "round_00/collect", "round_00/eval_steered",
+    "axis/check", "base/eval", "prompt/eval", "base/demo",
+    "round_00/vector", "round_00/collect", "round_00/eval_steered",
 )  # fmt: skip
 
 
@@ -241,6 +244,7 @@ class LoopContext:
     folder: RunFolder
     tokenizer: PreTrainedTokenizerBase
     pair: PersonaPair
+    readout: ReadoutItems
     model_name: str
 
 
@@ -253,7 +257,7 @@ def _demo(ctx: LoopContext, model: nn.Module, path: Path) -> None:
 def _eval(
     ctx: LoopContext, model: nn.Module, path: Path, steering: Steering | None = None, persona: str | None = None
 ) -> None:
-    result = evaluate(model, ctx.tokenizer, ctx.pair.axis, ctx.config.eval, steering, persona, ctx.config.seed)
+    result = evaluate(model, ctx.tokenizer, ctx.readout, ctx.config.eval, steering, persona, ctx.config.seed)
     write_eval(result, path)
 
 
@@ -357,6 +361,10 @@ def run_loop(
     Inputs are checked before anything is written: persona pair, evaluation data, output folder, model.
     """
     pair = persona_pair(config.persona)
+    readout = readout_items(config.persona)
+    leaked = overlapping_ids(readout, task_prompts() + context_prompts())
+    if leaked:
+        logger.warning(f"readout items {leaked} ({readout.source}) are also generation prompts (trained on)")
     check_eval_inputs(config.eval)
     root = Path(config.output.runs_dir) / config.output.name
     check_writable(root.parent, config.output.min_free_mb)
@@ -364,19 +372,53 @@ def run_loop(
         check_stage_donor(config, share_from)
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
-    base_model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    base_model, tokenizer, info = load_configured_model(config.model)
     with RunFolder(root).locked():
         folder = prepare_run_folder(config, fresh)
         if share_from is not None:
             adopted = adopt_heal_independent_stages(folder, RunFolder(share_from))
             logger.info(f"copied {len(adopted)} finished stage(s) from {share_from}: {adopted}")
-        _run_rounds(LoopContext(config, folder, tokenizer, pair, info.name), base_model, max_rounds)
+        check_readout_unchanged(folder, readout)
+        _run_rounds(LoopContext(config, folder, tokenizer, pair, readout, info.name), base_model, max_rounds)
     return root
+
+
+def check_readout_unchanged(folder: RunFolder, readout: ReadoutItems) -> None:
+    """A resumed run must score the items its earlier stages scored: an edited pairs file would mix two readouts."""
+    path = folder.root / "eval_base.json"
+    if not folder.done("base/eval") or not path.is_file():
+        return
+    recorded = json.loads(path.read_text())["trait"].get("items_sha256")
+    if recorded is None:
+        logger.warning(f"{path} predates recorded readout items: its trait numbers may use an older item set")
+    elif recorded != readout.sha256:
+        raise DataError(
+            f"the readout items ({readout.source}) differ from those {path} was scored on; restore them, "
+            "or rerun with --fresh"
+        )
+
+
+def _check_axis_first(ctx: LoopContext, base_model: nn.Module) -> None:
+    """check-axis on the base, cached in the run folder; stops the run when the readout cannot see the axis."""
+    path = ctx.folder.root / "axis_check.json"
+
+    def work() -> None:
+        check = check_axis(base_model, ctx.tokenizer, ctx.pair, ctx.readout, ctx.config, ctx.model_name)
+        write_json(path, check.as_dict())
+
+    stage(ctx.folder, "axis/check", work, (path,))
+    result = json.loads(path.read_text())
+    if not result["expressible"] and ctx.config.loop.require_expressible:
+        raise AxisNotExpressibleError(
+            f"axis {ctx.pair.axis!r} is not expressible on {ctx.config.model.spec} ({'; '.join(result['failed'])}); "
+            f"see {path}, or set loop.require_expressible=false to run anyway"
+        )
 
 
 def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None) -> None:
     config, folder = ctx.config, ctx.folder
     folder.event("run_start", rounds=config.loop.rounds, provenance=provenance())
+    _check_axis_first(ctx, base_model)
     base_eval_path = folder.root / "eval_base.json"
     stage(folder, "base/eval", lambda: _eval(ctx, base_model, base_eval_path), (base_eval_path,))
     prompt_eval = folder.root / "eval_prompt.json"

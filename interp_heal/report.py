@@ -268,12 +268,35 @@ def _diary(root: Path, rounds: list[int]) -> list[str]:
     return lines
 
 
+def _readout_line(root: Path) -> list[str]:
+    """Which items the trait numbers score, and whether check-axis found the axis expressible."""
+    lines = []
+    base = root / "eval_base.json"
+    if base.is_file():
+        trait = _read(base)["trait"]
+        source = trait.get("items_source", "built-in items (unrecorded: before item provenance)")
+        digest = f" (sha256 {trait['items_sha256'][:12]})" if "items_sha256" in trait else ""
+        n_items = trait.get("n_items", len(trait["per_item"]))
+        lines.append(f"Trait readout: {n_items} paired items from {source}{digest}.")
+    check = root / "axis_check.json"
+    if check.is_file():
+        result = _read(check)
+        persona = result["gaps"]["persona"]
+        lines.append(
+            f"check-axis: **{result['verdict']}** (persona gap {persona['diff']:+.3f} "
+            f"[{persona['low']:+.3f}, {persona['high']:+.3f}]{'; ' if result['failed'] else ''}"
+            f"{'; '.join(result['failed'])})."
+        )
+    return [*lines, ""] if lines else []
+
+
 def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, seconds: dict[str, float]) -> str:
     by_stage = {str(r["stage"]): r for r in rows}
     rounds = sorted({int(r["round"]) for r in rows if int(r["round"]) >= 0})
     lines = [f"# Run `{config.output.name}`: {config.model.spec}, {config.persona.axis} axis", ""]
     if stopped := stop_reason(root):
         lines += [f"**Stopped early:** {stopped}.", ""]
+    lines += _readout_line(root)
     for section in (_stage_table(rows), _filtering(root, rounds), _healing(by_stage, rounds)):
         lines += [*section, ""]
     for section in (_trajectory(by_stage, rounds, config), _diary(root, rounds)):

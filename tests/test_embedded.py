@@ -87,6 +87,7 @@ def test_love_readout_validity_against_placebo_and_steering_sign():
     from interp_heal.config import EvalConfig
     from interp_heal.evaluate import PLACEBO_PAIR, paired_difference, trait_log_odds
     from interp_heal.mfv import Steering
+    from interp_heal.paired_items import builtin_items
     from interp_heal.personas import BUILTIN_AXES, context_prompts
     from interp_heal.steer import extract_steering_vector
 
@@ -95,7 +96,7 @@ def test_love_readout_validity_against_placebo_and_steering_sign():
     pair = BUILTIN_AXES["love"]
 
     def readout(**kwargs):
-        return trait_log_odds(model, tokenizer, "love", config, **kwargs)
+        return trait_log_odds(model, tokenizer, builtin_items("love"), config, **kwargs)
 
     persona_gap = paired_difference(readout(persona=pair.pos), readout(persona=pair.neg), 500)
     placebo_gap = paired_difference(readout(persona=PLACEBO_PAIR[0]), readout(persona=PLACEBO_PAIR[1]), 500)
@@ -113,6 +114,7 @@ def test_steered_and_prompted_mfv_differ_from_base():
     from interp_heal.config import EvalConfig
     from interp_heal.evaluate import evaluate
     from interp_heal.mfv import Steering
+    from interp_heal.paired_items import builtin_items
     from interp_heal.personas import BUILTIN_AXES, context_prompts
     from interp_heal.steer import extract_steering_vector
 
@@ -122,9 +124,10 @@ def test_steered_and_prompted_mfv_differ_from_base():
     config = EvalConfig(n_vignettes=14, n_bootstrap=100)
     pair = BUILTIN_AXES["authority"]
     vector = extract_steering_vector(model, tokenizer, pair, context_prompts(16), (0.45, 0.55))
-    base = evaluate(model, tokenizer, "authority", config)
-    steered = evaluate(model, tokenizer, "authority", config, Steering(vector, 2.0))
-    prompted = evaluate(model, tokenizer, "authority", config, persona=pair.pos)
+    readout = builtin_items("authority")
+    base = evaluate(model, tokenizer, readout, config)
+    steered = evaluate(model, tokenizer, readout, config, Steering(vector, 2.0))
+    prompted = evaluate(model, tokenizer, readout, config, persona=pair.pos)
     assert max(abs(steered["profile"][f] - base["profile"][f]) for f in base["profile"]) > 1e-3
     assert max(abs(prompted["profile"][f] - base["profile"][f]) for f in base["profile"]) > 1e-3
     assert steered["neutral_kl_mean"] > 0 and base["neutral_kl_mean"] == 0

@@ -6,24 +6,24 @@ from interp_heal.evaluate import (
     evaluate,
     neutral_answers,
     neutral_coherence,
-    paired_items,
     trait_log_odds,
     write_eval,
 )
 from interp_heal.io import read_jsonl
 from interp_heal.mfv import Steering
+from interp_heal.paired_items import builtin_items
 from tests.test_mfv import FIXTURES
 from tests.test_steer import _random_vector
 
+LOVE = builtin_items("love")
 FAST = EvalConfig(mfv_data=str(FIXTURES), set_name="fixture", n_vignettes=7, batch_size=16, n_bootstrap=200)
 
 
 def test_packaged_items():
     for axis in ("love", "authority"):
-        items = paired_items(axis)
-        assert len(items) >= 48 and len({i.scenario for i in items}) == len(items)
+        items = builtin_items(axis).items
+        assert len(items) == 56 and len({i.scenario for i in items}) == len(items)
         assert all(i.pos != i.neg for i in items)
-    assert paired_items("love")[0].scenario == "Do you love humanity?"
     assert len(neutral_answers()) >= 32
 
 
@@ -36,9 +36,9 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_trait_readout_moves_under_steering_and_persona(tiny_model, tokenizer):
-    base = trait_log_odds(tiny_model, tokenizer, "love", FAST)
-    steered = trait_log_odds(tiny_model, tokenizer, "love", FAST, Steering(_random_vector(scale=0.5), 1.0))
-    prompted = trait_log_odds(tiny_model, tokenizer, "love", FAST, persona="You are a pirate.")
+    base = trait_log_odds(tiny_model, tokenizer, LOVE, FAST)
+    steered = trait_log_odds(tiny_model, tokenizer, LOVE, FAST, Steering(_random_vector(scale=0.5), 1.0))
+    prompted = trait_log_odds(tiny_model, tokenizer, LOVE, FAST, persona="You are a pirate.")
     assert base["n_items"] == len(base["per_item"]) >= 48
     assert base["ci95"][0] <= base["log_odds"] <= base["ci95"][1]
     assert steered["log_odds"] != base["log_odds"] and prompted["log_odds"] != base["log_odds"]
@@ -52,7 +52,7 @@ def test_neutral_coherence_is_zero_kl_for_the_base_and_positive_when_steered(tin
 
 
 def test_evaluate_writes_json_and_rows(tiny_model, tokenizer, tmp_path):
-    result = evaluate(tiny_model, tokenizer, "love", FAST)
+    result = evaluate(tiny_model, tokenizer, LOVE, FAST)
     for key in (
         "profile",
         "human_profile",

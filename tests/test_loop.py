@@ -1,10 +1,12 @@
 """The loop end to end on the tiny model: artifacts, resume after a failure, config mismatch."""
 
+import json
+
 import pytest
 
 from interp_heal import loop as loop_module
 from interp_heal.config import load_config
-from interp_heal.errors import ConfigError
+from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError
 from interp_heal.loop import run_loop
 
 ROUND_FILES = (
@@ -25,7 +27,7 @@ def finished_run(tmp_path_factory):
 
 def test_smoke_run_writes_every_artifact(finished_run):
     for name in ("config.yaml", "events.jsonl", "state.json", "metrics.csv", "summary.md", "trajectory.html",
-                 "eval_base.json", "eval_prompt.json", "demo_base.jsonl"):  # fmt: skip
+                 "eval_base.json", "eval_prompt.json", "demo_base.jsonl", "axis_check.json"):  # fmt: skip
         assert (finished_run / name).is_file(), name
     for round_index in (0, 1):
         for name in ROUND_FILES:
@@ -34,7 +36,8 @@ def test_smoke_run_writes_every_artifact(finished_run):
     stages = [line.split(",")[0] for line in metrics[1:]]
     assert stages == ["base", "prompt-baseline", "steered 0", "healed 0", "steered 1", "healed 1"]
     summary = (finished_run / "summary.md").read_text()
-    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?"):
+    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?", "56 paired items from builtin:love",
+                    "check-axis: **not expressible**"):  # fmt: skip
         assert heading in summary
 
 
@@ -69,3 +72,30 @@ def test_mismatched_config_is_refused(finished_run, tmp_path):
     run_root = finished_run.parent
     with pytest.raises(ConfigError, match=r"different config \(first difference: 'lam: 0\.3' -> 'lam: 0\.9'\)"):
         run_loop(_config(run_root, "smoke", "heal.lam=0.9"))
+
+
+def test_an_axis_the_readout_cannot_see_stops_the_run_before_round_0(finished_run, tmp_path):
+    """The smoke run recorded check-axis (a random model: not expressible) and went on because the preset allows
+    it; requiring expressibility stops a run at that check, which is cached, so the rerun does not redo it."""
+    check = json.loads((finished_run / "axis_check.json").read_text())
+    assert check["verdict"] == "not expressible" and check["failed"]
+    config = _config(tmp_path, "strict", "loop.require_expressible=true")
+    for _ in range(2):
+        with pytest.raises(AxisNotExpressibleError, match=r"not expressible on tiny-random .*expressible=false"):
+            run_loop(config)
+    state = (tmp_path / "strict" / "state.json").read_text()
+    assert "axis/check" in state and "base/eval" not in state
+    assert (tmp_path / "strict" / "events.jsonl").read_text().count('"stage_start", "stage": "axis/check"') == 1
+
+
+def test_a_resumed_run_refuses_edited_readout_items(tmp_path):
+    rows = [{"scenario": f"Scenario number {i}?", "pos": f"Yes, gladly {i}.", "neg": f"No {i}."} for i in range(12)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = _config(tmp_path, "custom", f"persona.pairs={pairs}", "loop.rounds=1", "eval.mfv=false")
+    root = run_loop(config)
+    base = json.loads((root / "eval_base.json").read_text())["trait"]
+    assert base["items_source"] == str(pairs) and base["n_items"] == 12
+    pairs.write_text(pairs.read_text().replace("gladly 0", "gladly zero"))
+    with pytest.raises(DataError, match=r"differ from those .*eval_base\.json was scored on"):
+        run_loop(config)
