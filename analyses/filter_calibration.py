@@ -19,7 +19,7 @@ from interp_heal.config import Config, save_config
 from interp_heal.filter import filter_completions, summarise
 from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, write_json, write_jsonl
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
 from interp_heal.steer import extract_steering_vector
 
@@ -37,7 +37,7 @@ def run_filter_calibration(config: Config, out: Path, coeffs: list[float], n_pro
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     pair = persona_pair(config.persona)
-    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, info = load_configured_model(config.model)
     contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
     vector = extract_steering_vector(model, tokenizer, pair, contexts, config.steer.band, config.steer.batch_size)
     completions = generate_completions(

@@ -24,7 +24,7 @@ from interp_heal.config import Config, load_config
 from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_jsonl, write_json
 from interp_heal.loop import DEMO_PROMPTS
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
 from interp_heal.report import metric_rows, stop_reason, trajectory_figure
 from interp_heal.steer import SteeringVector
 
@@ -51,7 +51,7 @@ DIRECTION_HEADER = ["layer", "trait proj. steered", "trait proj. healed", "trait
 def steered_generations(run: Path, config: Config, rounds: list[int]) -> dict[str, object]:
     """Greedy answers to the demo prompts of each round's steered model (the student before round r plus
     v_r at the round's eval coefficient); the loop itself records base and healed answers."""
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, _ = load_configured_model(config.model)
     student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in rounds])
     greedy = config.generate.model_copy(update={"temperature": 0.0})
     answers: dict[str, list[str]] = {}

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.config import load_config
 from interp_heal.errors import DataError
 from interp_heal.io import write_json
-from interp_heal.models import final_norm, load_model, unwrap_peft
+from interp_heal.models import final_norm, load_configured_model, unwrap_peft
 from interp_heal.report import save_figure
 from interp_heal.steer import SteeringVector
 
@@ -99,7 +99,7 @@ def run_logit_lens(run: Path, out: Path | None = None, top_k: int = 10) -> dict[
     config = load_config(run / "config.yaml")
     out = out or run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, _ = load_configured_model(config.model)
     readout, source = lens_readout(model, tokenizer)
     rounds = [
         {"round": index, "layers": vector_lens(vector, readout, tokenizer, list(vector.layers), top_k)}

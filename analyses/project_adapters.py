@@ -28,7 +28,7 @@ from torch import nn
 from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
 from interp_heal.config import load_config
 from interp_heal.io import write_json
-from interp_heal.models import decoder_layers, load_model
+from interp_heal.models import decoder_layers, load_configured_model
 from interp_heal.personas import context_prompts, render_prompts
 from interp_heal.report import save_figure
 from interp_heal.steer import SteeringVector, last_token_states
@@ -115,7 +115,7 @@ class Projection:
 def project_adapters(run: Path, n_prompts: int = 32) -> Projection:
     config = load_config(run / "config.yaml")
     rounds = finished_rounds(run)
-    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, info = load_configured_model(config.model)
     student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in rounds])
     prompts = render_prompts(tokenizer, held_out_contexts(n_prompts, config.steer.n_contexts, config.seed))
     states: dict[int | None, torch.Tensor] = {}

@@ -41,6 +41,11 @@ class ModelConfig(Section):
     device: str = Field("auto", description="auto = cuda if available, else cpu.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default.")
 
+    chat_format: Literal["auto", "template", "plain"] = Field(
+        "auto",
+        description="template: the tokenizer's chat template; plain: User:/Assistant: text (docs/models.md); "
+        "auto: the template when the tokenizer has one, else plain.",
+    )
 
 class PersonaConfig(Section):
     axis: str = Field("love", description="Built-in axis name (love, authority) or a name for pos/neg below.")

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from interp_heal.chat import turn_end
 from interp_heal.config import GenerateConfig
 from interp_heal.io import write_jsonl
 from interp_heal.personas import render_prompts
@@ -24,7 +25,7 @@ class Completion:
     completion: str
     coeff: float
     token_ids: list[int]  # completion tokens, up to and including EOS when it was produced
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos" (or, in the plain chat format, the start of the next turn) or "length"
     seed: int
 
     def as_dict(self) -> dict[str, object]:
@@ -218,6 +219,9 @@ def generate_completions(
         for (index, coeff_index), new_ids in zip(batch, new_tokens, strict=True):
             token_ids, finish_reason = split_completion(new_ids, eos_ids)
             text = tokenizer.decode(token_ids, skip_special_tokens=True)
+            turn = turn_end(tokenizer, token_ids)
+            if turn is not None:  # a base model writing the next user turn itself: its answer ended there
+                token_ids, finish_reason = token_ids[:turn], "eos"
             record = Completion(prompts[index], text, coeffs[coeff_index], token_ids, finish_reason, batch_seed)
             keyed.append((coeff_index, index, record))
     return [record for _, _, record in sorted(keyed, key=lambda item: item[:2])]

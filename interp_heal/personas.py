@@ -14,8 +14,9 @@ from importlib.resources import files
 
 from transformers import PreTrainedTokenizerBase
 
+from interp_heal.chat import render_chat
 from interp_heal.config import PersonaConfig
-from interp_heal.errors import PersonaError
+from interp_heal.errors import ConfigError, PersonaError
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ def supports_system_role(tokenizer: PreTrainedTokenizerBase) -> bool:
     marker = "interp-heal-system-probe"
     chat = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}]
     try:
-        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
-    except Exception:  # templates signal "no system role" by raising (e.g. gemma-2's raise_exception)
+        rendered = render_chat(tokenizer, chat, add_generation_prompt=False)
+    except ConfigError:  # templates signal "no system role" by raising (e.g. gemma-2's raise_exception)
         return False
     return marker in rendered
 
@@ -109,11 +110,6 @@ def chat_messages(user: str, persona: str | None, system_role: bool) -> list[dic
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, users: list[str], persona: str | None = None) -> list[str]:
-    """Chat-templated prompt strings ending in the assistant tag (generation prompt appended)."""
+    """Chat prompt strings (in the tokenizer's chat format) ending in the assistant tag (generation prompt)."""
     system_role = supports_system_role(tokenizer)
-    return [
-        tokenizer.apply_chat_template(
-            chat_messages(user, persona, system_role), tokenize=False, add_generation_prompt=True
-        )
-        for user in users
-    ]
+    return [render_chat(tokenizer, chat_messages(user, persona, system_role)) for user in users]
