@@ -1,17 +1,24 @@
 """interp_heal command line: `python cli.py --help`.
 
-User errors (bad config, unknown model, missing data) print one line and exit 2; `--debug` shows the
-traceback instead.
+User errors (bad config, unknown model, missing or malformed files, a path that cannot be written) print one
+line, `error: <file>[ line N]: <what is wrong> (<what to do>)`, and exit 2; anything else is a bug and keeps its
+traceback. `--debug` (or INTERP_HEAL_DEBUG=1) shows the traceback for every error. docs/errors.md has the details.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
+import click
 import typer
+import yaml
 from loguru import logger
+from safetensors import SafetensorError
+from typer.core import TyperGroup
 
 from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
 from analyses.diffs import format_diffs, run_diffs
@@ -20,15 +27,59 @@ from analyses.filter_calibration import run_filter_calibration
 from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import format_projection, run_project_adapters
+from interp_heal.axis_check import format_axis_check
 from interp_heal.config import Config, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
-from interp_heal.jobs import run_collect, run_eval, run_heal, run_steer
+from interp_heal.io import os_error_hint
+from interp_heal.jobs import run_check_axis, run_collect, run_eval, run_heal, run_pairs, run_steer
 from interp_heal.loop import run_loop
 from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, band_to_layers, embedded_status, load_model, model_shape
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import load_sweep, run_sweep
 
+
+def _debug(ctx: click.Context | None = None) -> bool:
+    return bool(ctx and ctx.params.get("debug")) or os.environ.get("INTERP_HEAL_DEBUG", "0") not in ("", "0")
+
+
+def user_error_line(err: BaseException) -> str | None:
+    """The one `error:` line for an error the user can fix, or None for a bug (which keeps its traceback).
+
+    The project's own errors already name the file (read sites know it); the parse errors below are those a
+    reader let through, named as well as the exception allows; an OSError names the path it failed on.
+    """
+    if isinstance(err, InterpHealError):
+        text = str(err)
+    elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        text = f"{mark.name} line {mark.line + 1}: not valid YAML: {err.problem} (fix the file)"
+    elif isinstance(err, json.JSONDecodeError):
+        text = f"line {err.lineno}: not valid JSON: {err.msg} (rerun with --debug to see which file)"
+    elif isinstance(err, SafetensorError):
+        text = f"not a readable safetensors file: {err} (rerun with --debug to see which file)"
+    elif isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err} ({os_error_hint(err)})"
+    else:
+        return None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class OneLineErrors(TyperGroup):
+    """The one place where errors become `error: ...` lines and exit status 2 (see `user_error_line`)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            line = None if _debug(ctx) else user_error_line(err)
+            if line is None:
+                raise
+            typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
+            raise SystemExit(2) from None
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -37,17 +88,24 @@ app = typer.Typer(
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML preset (see configs/).")
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set heal.lam=0.5 (repeatable).")
+MfvCompatOption = typer.Option(
+    None, "--mfv-compat", help="MFV forced path: none, or tinymfv to match tinymfv's numbers (= --set eval.compat=)."
+)
 
 
 @app.callback()
 def _global_options(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for user errors."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback for every error (also: INTERP_HEAL_DEBUG=1)."
+    ),
 ) -> None:
-    """Global options; `--debug` is read by `main()` before dispatch."""
+    """Global options; `--debug` is read by `OneLineErrors` and `main()`."""
 
 
-def _resolve(config_path: Path | None, overrides: list[str] | None) -> Config:
-    return load_config(config_path, overrides or [])
+def _resolve(config_path: Path | None, overrides: list[str] | None, mfv_compat: str | None = None) -> Config:
+    """`--mfv-compat X` is an alias of `--set eval.compat=X`; an explicit --set comes later, so it wins."""
+    compat = [f"eval.compat={mfv_compat}"] if mfv_compat is not None else []
+    return load_config(config_path, [*compat, *(overrides or [])])
 
 
 @app.command()
@@ -137,6 +195,37 @@ def heal(
     )
 
 
+@app.command("check-axis")
+def check_axis_command(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="JSON file (default runs/check-axis/<axis>.json)."),
+) -> None:
+    """Is the persona axis expressible on this model? Persona gap vs placebo, +v vs -v; exit 1 when not."""
+    resolved = _resolve(config, overrides)
+    default_out = Path(resolved.output.runs_dir) / "check-axis" / f"{resolved.persona.axis}.json"
+    check = run_check_axis(resolved, out or default_out)
+    typer.echo(format_axis_check(check))
+    if not check.expressible:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pairs(
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL of drafted items (a .md preview is written beside it)."),
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    scenarios: Path | None = typer.Option(
+        None, "--scenarios", help="Text file, one scenario a line (default: the built-in readouts' scenarios)."
+    ),
+    n: int | None = typer.Option(None, "--n", min=1, help="Use the first N scenarios."),
+    samples: int = typer.Option(4, "--samples", min=1, help="Replies sampled per scenario and persona."),
+) -> None:
+    """Draft paired readout items from the model's own persona-prompted replies, for you to read and edit."""
+    drafted, skipped, preview = run_pairs(_resolve(config, overrides), out, scenarios, n, samples)
+    typer.echo(f"{len(drafted)} items -> {out}; {len(skipped)} scenarios skipped; preview {preview}")
+
+
 @app.command("eval")
 def eval_command(
     out: Path = typer.Option(..., "--out", "-o", help="OUT.json (per-row records go to OUT.rows.jsonl)."),
@@ -152,6 +241,7 @@ def eval_command(
     condition: str | None = typer.Option(None, "--condition", help="other_violate or self_violate."),
     n_vignettes: int | None = typer.Option(None, "--n-vignettes", help="Stratified subset size."),
     think_tokens: int | None = typer.Option(None, "--think-tokens", help="Greedy think tokens before answering."),
+    mfv_compat: str | None = MfvCompatOption,
     sets: list[str] | None = typer.Option(
         None, "--set", help="A vignette set name (e.g. --set classic), or a config override key=value."
     ),
@@ -172,6 +262,7 @@ def eval_command(
         "eval.condition": condition,
         "eval.n_vignettes": n_vignettes,
         "eval.think_tokens": think_tokens,
+        "eval.compat": mfv_compat,
     }
     from_flags = [f"{key}={value}" for key, value in flags.items() if value is not None]
     resolved = _resolve(config, [*from_flags, *overrides])
@@ -190,8 +281,8 @@ def format_eval(result: dict) -> str:
     if "nats" in result:
         nats = ", ".join(f"{k} {v:+.2f}" for k, v in result["nats"].items())
         lines.append(
-            f"MFV ({result['n_rows']} rows, {result['think_tokens']} think): {nats}; answer-token mass "
-            f"{result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
+            f"MFV ({result['n_rows']} rows, {result['think_tokens']} think, compat {result['mfv_compat']}): {nats}; "
+            f"answer-token mass {result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
         )
     return "\n".join(lines)
 
@@ -201,9 +292,13 @@ def run(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
+    mfv_compat: str | None = MfvCompatOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<output.name>)."),
 ) -> None:
     """The steer-heal loop; rerunning the same command resumes after the last finished stage."""
-    root = run_loop(_resolve(config, overrides), fresh=fresh)
+    # The run folder is output.runs_dir / output.name, so --out sets both (an explicit --set still wins).
+    folder = [f"output.runs_dir={out.parent}", f"output.name={out.name}"] if out is not None else []
+    root = run_loop(_resolve(config, [*folder, *(overrides or [])], mfv_compat), fresh=fresh)
     typer.echo(f"run folder: {root}")
     typer.echo((root / "summary.md").read_text())
 
@@ -233,12 +328,13 @@ def diag_axis(
     config: Path | None = ConfigOption,
     coeff: float = typer.Option(1.0, "--coeff", help="Steering coefficient when computing (no --run)."),
     overrides: list[str] | None = SetOption,
+    mfv_compat: str | None = MfvCompatOption,
 ) -> None:
     """Which MFV foundation does the vector move? Base vs steered vs prompting baseline, sorted by |delta|."""
     if run_dir is not None:
         evaluations = evaluations_from_run(run_dir)
     else:
-        evaluations = evaluations_from_config(_resolve(config, overrides), coeff)
+        evaluations = evaluations_from_config(_resolve(config, overrides, mfv_compat), coeff)
     typer.echo(format_table(run_diag_axis(evaluations, out)))
 
 
@@ -304,16 +400,10 @@ def calibrate_filter(
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv
+    debug = "--debug" in sys.argv or _debug()
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if debug else "INFO", format="{time:HH:mm:ss} | {level:<7} | {message}")
-    try:
-        app()
-    except InterpHealError as err:
-        if debug:
-            raise
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        raise SystemExit(2) from None
+    app()
 
 
 if __name__ == "__main__":

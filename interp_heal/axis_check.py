@@ -61,7 +61,7 @@ class AxisCheck:
     expressible: bool
     failed: list[str]
     gaps: dict[str, Gap]  # persona, placebo, steering
-    log_odds: dict[str, float]  # each readout: base, pos, neg, placebo_a, placebo_b, plus_v, minus_v
+    log_odds: dict[str, float]  # each readout: pos, neg, placebo_a, placebo_b, plus_v, minus_v
     coeff: float
     layers: list[int]
     items: dict[str, object]  # where the readout items came from (ReadoutItems.provenance)
@@ -79,7 +79,9 @@ class AxisCheck:
 def axis_verdict(persona: Gap, placebo: Gap, steering: Gap) -> tuple[bool, list[str]]:
     """(expressible, the criteria that failed, each with its numbers)."""
     failures = []
-    if persona.low <= 0:
+    if persona.high < 0:
+        failures.append(f"persona gap {persona} is below 0: the neg persona makes the pos replies likelier")
+    elif persona.low <= 0:
         failures.append(f"persona gap {persona} has a CI reaching 0")
     if persona.low <= placebo.high or persona.diff <= abs(placebo.diff):
         failures.append(f"persona gap {persona} does not clear the placebo gap {placebo}")
@@ -115,12 +117,13 @@ def check_axis(
     config: Config,
     model_name: str = "",
 ) -> AxisCheck:
-    """Seven readouts (base, pos, neg, two placebo personas, +v, -v), the three gaps and the verdict."""
+    """Six readouts (pos, neg, two placebo personas, +v, -v), the three gaps and the verdict. Each is a pass over
+    every item's two replies (SmolLM2-135M on 2 CPU cores: ~19 s for the 56 built-in items)."""
 
     def read(steering: Steering | None = None, persona: str | None = None) -> dict[str, Any]:
         return trait_log_odds(model, tokenizer, readout, config.eval, steering, persona)
 
-    readouts = {"base": read(), "pos": read(persona=pair.pos), "neg": read(persona=pair.neg)}
+    readouts = {"pos": read(persona=pair.pos), "neg": read(persona=pair.neg)}
     readouts |= {"placebo_a": read(persona=PLACEBO_PAIR[0]), "placebo_b": read(persona=PLACEBO_PAIR[1])}
     contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
     vector = extract_steering_vector(

@@ -23,7 +23,7 @@ def test_verdict_needs_all_three_criteria():
     steering_backwards = axis_verdict(CLEAR, PLACEBO, Gap(-0.1, -0.2, 0.0))
     assert not steering_backwards[0] and "steering" in steering_backwards[1][0]
     negative_gap = axis_verdict(Gap(-0.3, -0.35, -0.25), PLACEBO, STEERS)
-    assert not negative_gap[0]
+    assert not negative_gap[0] and "below 0" in negative_gap[1][0]
 
 
 def _readout(pos_words: int, neg_words: int) -> ReadoutItems:
@@ -42,7 +42,7 @@ def test_length_check_warns_on_lopsided_items(tokenizer):
 def test_check_axis_on_the_tiny_model_reports_every_readout(tiny_model, tokenizer):
     config = load_config("configs/smoke.yaml", ["eval.n_bootstrap=100"])
     check = check_axis(tiny_model, tokenizer, BUILTIN_AXES["love"], builtin_items("love"), config, "tiny")
-    assert set(check.log_odds) == {"base", "pos", "neg", "placebo_a", "placebo_b", "plus_v", "minus_v"}
+    assert set(check.log_odds) == {"pos", "neg", "placebo_a", "placebo_b", "plus_v", "minus_v"}
     persona = check.gaps["persona"]
     assert abs(persona.diff - (check.log_odds["pos"] - check.log_odds["neg"])) < 1e-6
     assert check.expressible == (check.failed == []) and check.verdict.upper() in format_axis_check(check)
