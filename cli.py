@@ -12,8 +12,8 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
-import click
 import typer
 import yaml
 from loguru import logger
@@ -24,6 +24,7 @@ from analyses.diag_axis import evaluations_from_config, evaluations_from_run, fo
 from analyses.diffs import format_diffs, run_diffs
 from analyses.experiments import write_experiments_report
 from analyses.filter_calibration import run_filter_calibration
+from analyses.frontier import format_frontier, run_frontier
 from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import format_projection, run_project_adapters
@@ -38,7 +39,7 @@ from interp_heal.steer import SteeringVector
 from interp_heal.sweep import load_sweep, run_sweep
 
 
-def _debug(ctx: click.Context | None = None) -> bool:
+def _debug(ctx: typer.Context | None = None) -> bool:
     return bool(ctx and ctx.params.get("debug")) or os.environ.get("INTERP_HEAL_DEBUG", "0") not in ("", "0")
 
 
@@ -64,12 +65,21 @@ def user_error_line(err: BaseException) -> str | None:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+# Typer vendors its own click (0.2x), whose usage errors are not the click package's: take the class from typer.
+UsageError = typer.BadParameter.__base__
+
+
 class OneLineErrors(TyperGroup):
     """The one place where errors become `error: ...` lines and exit status 2 (see `user_error_line`)."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
+        except UsageError as err:  # a mistyped option or value: click's many-line usage box, made one line
+            command = err.ctx.command_path if err.ctx else ctx.command_path
+            message = err.format_message().replace("Value error, ", "")
+            typer.secho(f"error: {message} (see `{command} --help`)", err=True, fg=typer.colors.RED)
+            raise SystemExit(2) from None
         except Exception as err:
             line = None if _debug(ctx) else user_error_line(err)
             if line is None:
@@ -235,7 +245,7 @@ def eval_command(
     vector: Path | None = typer.Option(None, "--vector", help="Steering vector (.safetensors) active throughout."),
     coeff: float = typer.Option(0.0, "--coeff", help="Steering coefficient for --vector."),
     persona: str | None = typer.Option(None, "--persona", help="Prompting baseline: this axis' persona."),
-    persona_side: str = typer.Option("pos", "--persona-side", help="pos or neg persona of --persona."),
+    persona_side: Literal["pos", "neg"] = typer.Option("pos", "--persona-side", help="Which persona of --persona."),
     mfv_data: Path | None = typer.Option(None, "--mfv-data", help="MFV data folder."),
     protocol: str | None = typer.Option(None, "--protocol", help="words or digits."),
     condition: str | None = typer.Option(None, "--condition", help="other_violate or self_violate."),
@@ -348,6 +358,17 @@ def project_adapters_command(
     projection = run_project_adapters(run_dir, out, n_prompts)
     band = list(SteeringVector.load(run_dir / "round_00" / "vector.safetensors").layers)
     typer.echo(format_projection(projection, band))
+
+
+@app.command()
+def frontier(
+    run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
+    rounds: list[int] | None = typer.Option(None, "--round", help="Round(s) (default: every finished one)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/analysis)."),
+) -> None:
+    """Is healing more than steering less? Each round's steering curve (>= 7 doses) against the healed student."""
+    results = run_frontier(run_dir, rounds, out)
+    typer.echo(format_frontier(results))
 
 
 @app.command()

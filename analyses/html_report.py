@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from analyses.diffs import diff_figure, run_diffs
+from analyses.frontier import frontier_figure
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import Projection, projection_figure, run_project_adapters
 from interp_heal.bake import bake, finished_rounds, student_at
-from interp_heal.config import Config, load_config
+from interp_heal.config import Config
 from interp_heal.generate import generate_completions
-from interp_heal.io import atomic_write_text, read_jsonl, write_json
-from interp_heal.loop import DEMO_PROMPTS
+from interp_heal.io import atomic_write_text, read_json, read_jsonl, write_json
+from interp_heal.loop import DEMO_PROMPTS, read_run
 from interp_heal.models import load_configured_model
 from interp_heal.report import metric_rows, stop_reason, trajectory_figure
 from interp_heal.steer import SteeringVector
@@ -57,7 +57,7 @@ def steered_generations(run: Path, config: Config, rounds: list[int]) -> dict[st
     answers: dict[str, list[str]] = {}
     for r in rounds:
         vector = SteeringVector.load(run / f"round_{r:02d}" / "vector.safetensors")
-        coeff = json.loads((run / f"round_{r:02d}" / "collect_summary.json").read_text())["eval_coeff"]
+        coeff = read_json(run / f"round_{r:02d}" / "collect_summary.json")["eval_coeff"]
         with student_at(student, r - 1 if r > 0 else None, len(rounds)) as generator:
             records = generate_completions(generator, tokenizer, list(DEMO_PROMPTS), vector, [coeff], greedy, 0)
         answers[str(r)] = [record.completion for record in records]
@@ -66,7 +66,7 @@ def steered_generations(run: Path, config: Config, rounds: list[int]) -> dict[st
 
 def ensure_analyses(run: Path) -> None:
     """Compute each analysis the report shows unless its output already sits in run/analysis."""
-    config = load_config(run / "config.yaml")
+    config = read_run(run)
     rounds = finished_rounds(run)
     analysis = run / "analysis"
     if not (analysis / "project_adapters.json").is_file():
@@ -77,7 +77,7 @@ def ensure_analyses(run: Path) -> None:
     if missing:
         run_diffs(run, missing)
     path = analysis / "generations.json"
-    if not path.is_file() or set(json.loads(path.read_text())["steered"]) != {str(r) for r in rounds}:
+    if not path.is_file() or set(read_json(path)["steered"]) != {str(r) for r in rounds}:
         write_json(path, steered_generations(run, config, rounds))
 
 
@@ -121,7 +121,7 @@ def _page(title: str, nav: str, sections: list[str]) -> str:
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _ci(row: dict) -> str:
@@ -180,12 +180,36 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
         _table(ROUND_HEADER, round_rows),
         "<h2>Adapters projected on the steering vector</h2>",
         _figure(projection_figure_from_json(analysis / "project_adapters.json"), static, first=False),
+        *_frontier_section(analysis / "frontier.json", static),
     ]
     return _page(f"Run {config.output.name}: steer, heal, repeat", "", sections)
 
 
+def _frontier_section(path: Path, static: bool) -> list[str]:
+    """Healing vs steering less, when `cli.py frontier` has run (it is not part of the default analyses: it
+    evaluates the student at many doses, minutes per round)."""
+    if not path.is_file():
+        return []
+    results = read_json(path)
+    rows = [
+        [f"round {r['round']}", len(r["curve"]), r["healed"]["trait"], r["healed"]["coherence"],
+         r["gain"]["trait_gain"], f"[{_cell(r['gain']['ci95'][0])}, {_cell(r['gain']['ci95'][1])}]",
+         r["gain"]["coherence_gain"], r["gain"]["note"]]
+        for r in results
+    ]  # fmt: skip
+    header = ["round", "doses", "healed trait", "healed coherence", "healing gain at equal coherence", "95% CI",
+              "coherence gain at equal trait", "note"]  # fmt: skip
+    return [
+        "<h2>Healing vs steering less</h2>",
+        "<p class='note'>The student each round started from, steered with that round's vector at a ladder of doses, "
+        "against the healed student; gain = healed trait - the curve's trait at the healed coherence.</p>",
+        _figure(frontier_figure(results), static, first=False),
+        _table(header, rows, text_columns=(0, 5, 7)),
+    ]
+
+
 def projection_figure_from_json(path: Path) -> go.Figure:
-    data = json.loads(path.read_text())
+    data = read_json(path)
     return projection_figure(Projection(data["rounds"], data["layers"], data["random_direction_share"]))
 
 
@@ -256,7 +280,7 @@ def write_html_report(run: Path, out: Path | None = None, static: bool = False, 
     """index.html + round_XX.html under `out` (default run/report); returns the index path."""
     if compute:
         ensure_analyses(run)
-    config = load_config(run / "config.yaml")
+    config = read_run(run)
     rounds = finished_rounds(run)
     out = out or run / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from interp_heal.errors import ConfigError
 from interp_heal.io import atomic_write_text
@@ -181,6 +181,19 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1)
     mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
+    compat: Literal["none", "tinymfv"] = Field(
+        "none",
+        description="MFV forced path. none: the answer is read after a plain forward over prompt + think + "
+        "suffix + prefill. tinymfv: reproduce tinymfv's three deviations from that, to compare with numbers "
+        "published with tinymfv (docs/mfv.md); needs think_tokens >= 1.",
+    )
+
+    @model_validator(mode="after")
+    def _tinymfv_thinks(self) -> EvalConfig:
+        # HF generate refuses 0 new tokens, so tinymfv always thinks: at 0 there is nothing of it to reproduce
+        if self.mfv and self.compat == "tinymfv" and self.think_tokens == 0:
+            raise ValueError("compat=tinymfv needs think_tokens >= 1 (tinymfv always thinks)")
+        return self
 
 
 class LoopConfig(Section):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from functools import cache
 from importlib.resources import files
@@ -35,7 +36,7 @@ from interp_heal.mfv import (
 )
 from interp_heal.paired_items import ReadoutItems
 from interp_heal.personas import render_prompts
-from interp_heal.sequences import base_model, continuation_logprobs, kl_from_logprobs, pad_left
+from interp_heal.sequences import base_model, continuation_logprobs, pad_left, token_kl
 from interp_heal.steer import steered_logits
 
 # Irrelevant persona pair for the validity check: a real trait readout must separate the axis' pos/neg
@@ -81,8 +82,7 @@ def reply_logprobs(
             if with_base_kl:
                 with base_model(model) as base:
                     base_logits = base(**batch.scored_inputs()).logits
-                log_p = torch.log_softmax(logits.float(), dim=-1)
-                kl = kl_from_logprobs(log_p, torch.log_softmax(base_logits.float(), dim=-1))
+                kl = token_kl(logits, base_logits)
                 kls.extend(row.cpu() for row in batch.rows_at_targets(kl))
     return logprobs, kls
 
@@ -152,6 +152,12 @@ def neutral_coherence(
         "neutral_kl_p95": float(torch.quantile(all_kl, 0.95)),
         "neutral_kl_max": float(all_kl.max()),
     }
+
+
+def neutral_fluency(neutral_nll: float, base_neutral_nll: float) -> float:
+    """Fluency on the neutral answers relative to the base, in (0, 1]: exp(base NLL - NLL), capped at 1 (1 = as
+    fluent as the base; 0.5 = NLL up by ln 2 nats per token)."""
+    return math.exp(min(0.0, float(base_neutral_nll) - float(neutral_nll)))
 
 
 # ---------------------------------------------------------------- all readouts

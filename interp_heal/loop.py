@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import shutil
 import time
@@ -33,11 +32,11 @@ from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
 from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError, RunLockedError
-from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
+from interp_heal.evaluate import check_eval_inputs, evaluate, neutral_fluency, write_eval
 from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
-from interp_heal.io import check_writable, sha256_file, write_json
+from interp_heal.io import check_writable, read_json, sha256_file, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import ReadoutItems, overlapping_ids, readout_items
@@ -65,8 +64,21 @@ class RunFolder:
         return self.root / f"round_{round_index:02d}"
 
     def _state(self) -> dict[str, dict]:
+        """Finished stages; a damaged or lost state.json is an error, never an empty state (that would redo,
+        and overwrite, every stage)."""
         path = self.root / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        # Without the sha256 it records, the stages' files (still in the folder) cannot be checked.
+        recover = f"the stages' files cannot be checked without it: rerun with --fresh to redo {self.root}"
+        if not path.is_file():
+            events = self.root / "events.jsonl"
+            if events.is_file() and '"event": "stage_done"' in events.read_text(errors="replace"):
+                raise DataError(f"{path}: missing, but {events} records finished stages ({recover})")
+            return {}
+        state = read_json(path, "run state", hint=recover)
+        entries = state.values() if isinstance(state, dict) else ()
+        if not isinstance(state, dict) or not all(isinstance(entry, dict) and "seconds" in entry for entry in entries):
+            raise DataError(f"{path}: not a run state (stage name -> record of its files) ({recover})")
+        return state
 
     def done(self, stage: str) -> bool:
         return stage in self._state()
@@ -170,6 +182,21 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
     return RunFolder(root)
+
+
+def read_run(root: Path) -> Config:
+    """A run folder's config, once every finished stage's files match the sha256 recorded when they were
+    written: the analyses read a run folder only after this check, as a resumed run does."""
+    where = "give a folder that `run` made, e.g. runs/demo"
+    if not root.is_dir():
+        raise DataError(f"{root}: no such run folder ({where})")
+    if not (root / "config.yaml").is_file():
+        raise DataError(f"{root}: not a run folder, no config.yaml ({where})")
+    config = load_config(root / "config.yaml")
+    folder = RunFolder(root)
+    for name in folder.stage_seconds():
+        folder.verify(name)
+    return config
 
 
 # Stages that read no `heal` field: runs whose configs differ only in `heal` compute them identically, so a sweep
@@ -348,7 +375,7 @@ def loop_coherence(config: Config, result: dict, base: dict) -> float:
     to the base (exp(base NLL - NLL): 1 = as fluent as the base, 0.5 = NLL up by ln 2 nats per token)."""
     if config.loop.coherence == "mfv":
         return float(result["coherence"])
-    return math.exp(min(0.0, float(base["neutral_nll"]) - float(result["neutral_nll"])))
+    return neutral_fluency(result["neutral_nll"], base["neutral_nll"])
 
 
 def run_loop(

@@ -5,6 +5,8 @@ installed tinymfv package); nothing of them is copied here. See the folder's PRO
 module implements: two frames per row (options forward and reversed), an optional greedy think phase, a
 forced suffix ending in the answer prefill, the full-vocabulary log-prob of each option's answer token,
 position-debiased scores, per-row softmax, profile = mean over rows, F_nats = ln(profile[F]).
+By default the answer is read after a plain forward over prompt + think + forced suffix + prefill; `Quirks`
+reproduces tinymfv's own forced path instead (`eval.compat=tinymfv`, docs/mfv.md).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from interp_heal.errors import DataError
-from interp_heal.personas import chat_messages, supports_system_role
+from interp_heal.chat import is_plain, render_chat
+from interp_heal.errors import ConfigError, DataError
+from interp_heal.personas import render_prompts
 from interp_heal.sequences import pad_left, position_ids_from_mask
 from interp_heal.steer import SteeringVector, steered_generate, steered_logits
 
@@ -56,6 +59,25 @@ def resolve_data_dir(explicit: str | Path | None = None) -> Path:
         f"MFV data not found (looked in: {looked}). Pass --mfv-data DIR or set {DATA_ENV}=DIR to a folder "
         "holding protocol.json, protocol_digits.json and vignettes_<set>_<condition>.jsonl"
     )
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """tinymfv's deviations from a plain forward over prompt + think + forced suffix + prefill (docs/mfv.md).
+
+    Separate switches so each one can be tested and measured alone; `eval.compat` names the sets in use.
+    """
+
+    nudge_alone: bool = False  # (1) the nudge turn rendered by the chat template as a chat of its own
+    drop_last_think: bool = False  # (2) the last think token never enters the forced path's context
+    mask_pad_ids: bool = False  # (3) the forced forward masks every token equal to the pad id
+
+    @property
+    def any(self) -> bool:
+        return self.nudge_alone or self.drop_last_think or self.mask_pad_ids
+
+
+COMPAT_QUIRKS = {"none": Quirks(), "tinymfv": Quirks(nudge_alone=True, drop_last_think=True, mask_pad_ids=True)}
 
 
 @dataclass(frozen=True)
@@ -178,20 +200,44 @@ def answer_token_ids(protocol: Protocol, tokenizer: PreTrainedTokenizerBase, ord
     return ids
 
 
-def forced_suffix(protocol: Protocol, tokenizer: PreTrainedTokenizerBase) -> str:
+def forced_suffix(protocol: Protocol, tokenizer: PreTrainedTokenizerBase, nudge_alone: bool = False) -> str:
     """think_close + the template's assistant-turn close + a user turn with the nudge + the assistant opening.
 
     Read off the tokenizer's own chat template by rendering a sentinel assistant turn followed by the nudge.
+    nudge_alone: the nudge turn rendered on its own instead, as tinymfv does (`_tinymfv_suffix`).
     """
+    if nudge_alone:
+        return _tinymfv_suffix(protocol, tokenizer)
     chat = [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": _ANSWER_SENTINEL},
         {"role": "user", "content": protocol.nudge_user_message},
     ]
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    rendered = render_chat(tokenizer, chat)
+    return protocol.think_close + _split_at_sentinel(rendered)[1]
+
+
+def _tinymfv_suffix(protocol: Protocol, tokenizer: PreTrainedTokenizerBase) -> str:
+    """tinymfv's suffix: the assistant-turn close, then `[user: nudge, assistant: ...]` rendered as a chat of its
+    own, so a template that inserts a default system prompt (SmolLM2) inserts it again mid-conversation."""
+    closed = render_chat(
+        tokenizer,
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _ANSWER_SENTINEL}],
+        add_generation_prompt=False,
+    )
+    nudge = [
+        {"role": "user", "content": protocol.nudge_user_message},
+        {"role": "assistant", "content": _ANSWER_SENTINEL},
+    ]
+    interrupt = render_chat(tokenizer, nudge, add_generation_prompt=False, continue_final_message=True)
+    return protocol.think_close + _split_at_sentinel(closed)[1] + _split_at_sentinel(interrupt)[0]
+
+
+def _split_at_sentinel(rendered: str) -> tuple[str, str]:
     if _ANSWER_SENTINEL not in rendered:
         raise DataError("the chat template drops assistant content; cannot build the MFV forced suffix")
-    return protocol.think_close + rendered.split(_ANSWER_SENTINEL, 1)[1]
+    before, after = rendered.split(_ANSWER_SENTINEL, 1)
+    return before, after
 
 
 # ---------------------------------------------------------------- scoring
@@ -220,11 +266,15 @@ def _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, prefill_len, st
     return logits
 
 
-def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, think_tokens, protocol, steering):
+def _answer_after_think(
+    model, tokenizer, prompt_ids, tail_ids, prefill_len, think_tokens, protocol, steering, quirks=Quirks()
+):
     """Greedy think of exactly `think_tokens`, then suffix + prefill as one forward over the think's KV cache.
 
     Every row's think has the same length and the forced tail is the same for all rows, so the continuation
     needs no padding: it is [last think token] + tail, at positions right after the cache.
+    quirks: the continuation is the tail alone (drop_last_think); the cached part's mask is ids != pad id
+    (mask_pad_ids).
     """
     device = next(model.parameters()).device
     batch = pad_left(prompt_ids, [[] for _ in prompt_ids], tokenizer.pad_token_id, device)
@@ -238,12 +288,18 @@ def _answer_after_think(model, tokenizer, prompt_ids, tail_ids, prefill_len, thi
     if output.sequences.shape[1] != batch.input_ids.shape[1] + think_tokens:
         raise RuntimeError(f"the think stopped early: {output.sequences.shape[1] - batch.input_ids.shape[1]} tokens")
     # generate never feeds its last token back, so the cache holds prompt + think[:-1]
-    continuation = torch.cat(
-        [output.sequences[:, -1:], torch.tensor([tail_ids] * len(prompt_ids), device=device)], dim=1
-    )
-    new_positions = torch.ones(len(prompt_ids), think_tokens + len(tail_ids), dtype=batch.attention_mask.dtype)
-    attention_mask = torch.cat([batch.attention_mask, new_positions.to(device)], dim=1)
-    position_ids = position_ids_from_mask(attention_mask)[:, -continuation.shape[1] :]
+    tail = torch.tensor([tail_ids] * len(prompt_ids), device=device)
+    cached = output.sequences[:, :-1]
+    ones = batch.attention_mask.new_ones
+    length_mask = torch.cat([batch.attention_mask, ones(len(prompt_ids), think_tokens - 1)], dim=1)
+    # tinymfv feeds the tail straight after the cache, so the last think token never enters the context
+    continuation = tail if quirks.drop_last_think else torch.cat([output.sequences[:, -1:], tail], dim=1)
+    # and its mask hides every token equal to the pad id: each end-of-turn too where pad == eos
+    cached_mask = (cached != tokenizer.pad_token_id).to(length_mask.dtype) if quirks.mask_pad_ids else length_mask
+    new_positions = ones(len(prompt_ids), continuation.shape[1])
+    attention_mask = torch.cat([cached_mask, new_positions], dim=1)
+    # positions count the real tokens (tinymfv's count its padding too: a batch-layout effect not reproduced)
+    position_ids = position_ids_from_mask(torch.cat([length_mask, new_positions], dim=1))[:, -continuation.shape[1] :]
     step = {"input_ids": continuation, "attention_mask": attention_mask, "position_ids": position_ids}
     with torch.inference_mode():
         logits = steered_logits(
@@ -263,8 +319,7 @@ def _frame_prompt_ids(
     tokenizer: PreTrainedTokenizerBase, protocol: Protocol, text: str, frame: str, persona: str | None
 ) -> list[int]:
     user = user_prompt(protocol, text, frame_options(protocol, frame))
-    chat = chat_messages(user, persona, supports_system_role(tokenizer))
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    (rendered,) = render_prompts(tokenizer, [user], persona)
     return tokenizer.encode(rendered + protocol.think_open, add_special_tokens=False)
 
 
@@ -277,10 +332,20 @@ def score_frames(
     batch_size: int,
     steering: Steering | None = None,
     persona: str | None = None,
+    quirks: Quirks = Quirks(),
 ) -> dict[str, torch.Tensor]:
-    """Per row and frame: option log-probs [n, 2, 7], answer-token mass [n, 2], prefill NLL [n, 2]."""
+    """Per row and frame: option log-probs [n, 2, 7], answer-token mass [n, 2], prefill NLL [n, 2].
+
+    With no quirks the answer is read after a plain forward over prompt + think + forced suffix + prefill;
+    `COMPAT_QUIRKS["tinymfv"]` reproduces tinymfv's forced path, to compare with numbers published with it.
+    """
+    if quirks.any and think_tokens == 0:
+        # HF generate refuses 0 new tokens, so tinymfv always thinks: at 0 there is nothing of it to reproduce
+        raise ConfigError("eval.compat=tinymfv needs eval.think_tokens >= 1 (tinymfv always thinks)")
+    if quirks.any and is_plain(tokenizer):
+        raise ConfigError("eval.compat=tinymfv reproduces a chat-template path: not with model.chat_format plain")
     steering = steering or Steering()
-    suffix_ids = tokenizer.encode(forced_suffix(protocol, tokenizer), add_special_tokens=False)
+    suffix_ids = tokenizer.encode(forced_suffix(protocol, tokenizer, quirks.nudge_alone), add_special_tokens=False)
     prefill_ids = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
     jobs = [(r, frame) for r in range(len(rows)) for frame in ("forward", "reversed")]
     prompts = {job: _frame_prompt_ids(tokenizer, protocol, rows[job[0]].text, job[1], persona) for job in jobs}
@@ -295,7 +360,7 @@ def score_frames(
             logits = _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), steering)
         else:
             logits = _answer_after_think(
-                model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), think_tokens, protocol, steering
+                model, tokenizer, prompt_ids, tail_ids, len(prefill_ids), think_tokens, protocol, steering, quirks
             )
         # logits[:, j] predicts prefill token j (j < len(prefill)); the last position predicts the answer
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -16,7 +16,8 @@ from loguru import logger
 from plotly.subplots import make_subplots
 
 from interp_heal.config import Config
-from interp_heal.io import atomic_write_text
+from interp_heal.evaluate import neutral_fluency
+from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.steer import SteeringVector
 
@@ -31,7 +32,7 @@ METRIC_FIELDS = (
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def stop_reason(root: Path) -> str:
@@ -60,7 +61,7 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
     if config.loop.coherence == "mfv":
         row["loop_coherence"] = result.get("coherence")
     elif result.get("neutral_nll") is not None and base.get("neutral_nll") is not None:
-        row["loop_coherence"] = math.exp(min(0.0, base["neutral_nll"] - result["neutral_nll"]))
+        row["loop_coherence"] = neutral_fluency(result["neutral_nll"], base["neutral_nll"])
     return row
 
 
@@ -290,6 +291,30 @@ def _readout_line(root: Path) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _frontier(root: Path) -> list[str]:
+    """Healing vs steering less, when `cli.py frontier --run` has written analysis/frontier.json."""
+    path = root / "analysis" / "frontier.json"
+    if not path.is_file():
+        return []
+    lines = [
+        "## Healing vs steering less (`cli.py frontier`)",
+        "",
+        "The student each round started from, steered with that round's vector at a ladder of doses, against the "
+        "healed student. Gain = healed trait - the steering curve's trait at the healed coherence (CI over items).",
+        "",
+        "| round | doses | healed trait / coherence | healing gain [95% CI] | coherence gain at equal trait |",
+        "|---|---|---|---|---|",
+    ]
+    for result in json.loads(path.read_text()):
+        healed, gain = result["healed"], result["gain"]
+        ci = f"[{_fmt(gain['ci95'][0])}, {_fmt(gain['ci95'][1])}]"
+        lines.append(
+            f"| {result['round']} | {len(result['curve'])} | {_fmt(healed['trait'])} / {_fmt(healed['coherence'])} | "
+            f"{_fmt(gain['trait_gain'])} {ci} {gain['note']} | {_fmt(gain['coherence_gain'])} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, seconds: dict[str, float]) -> str:
     by_stage = {str(r["stage"]): r for r in rows}
     rounds = sorted({int(r["round"]) for r in rows if int(r["round"]) >= 0})
@@ -301,6 +326,7 @@ def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, 
         lines += [*section, ""]
     for section in (_trajectory(by_stage, rounds, config), _diary(root, rounds)):
         lines += [*section, ""]
+    lines += _frontier(root)
     lines += ["## Stage times (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {value:.1f} |" for name, value in seconds.items()]
     return "\n".join(lines) + "\n"

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -144,6 +145,19 @@ def test_eval_command_on_fixture_data(tmp_path):
     assert result.exit_code == 0, result.output
     assert "trait (love) log-odds" in result.output and "MFV (7 rows" in result.output
     assert out.is_file() and out.with_suffix(".rows.jsonl").is_file()
+    assert json.loads(out.read_text())["mfv_compat"] == "none"
+
+
+def test_eval_mfv_compat_flag_is_recorded_and_needs_a_think(tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", "-c", "configs/smoke.yaml", "--out", str(out), "--mfv-compat", "tinymfv"]
+    result = runner.invoke(app, [*args, "--think-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 think, compat tinymfv" in result.output
+    written = json.loads(out.read_text())
+    assert written["mfv_compat"] == written["config"]["compat"] == "tinymfv"
+    refused = runner.invoke(app, args)  # the smoke preset thinks 0 tokens
+    assert refused.exit_code == 2 and "compat=tinymfv needs think_tokens >= 1" in refused.output
 
 
 def test_eval_without_data_names_both_ways_to_provide_it(tmp_path):

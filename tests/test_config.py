@@ -31,6 +31,16 @@ def test_paper_preset_has_research_scale():
     assert (paper.loop.rounds, paper.eval.think_tokens, paper.generate.max_new_tokens) == (8, 128, 512)
 
 
+def test_mfv_compat_defaults_to_none_and_tinymfv_needs_a_think():
+    assert load_config().eval.compat == "none"
+    assert load_config(None, ["eval.compat=tinymfv", "eval.think_tokens=16"]).eval.compat == "tinymfv"
+    assert load_config(None, ["eval.compat=tinymfv", "eval.mfv=false"]).eval.compat == "tinymfv"  # no MFV run
+    with pytest.raises(ConfigError, match=r"eval: .*compat=tinymfv needs think_tokens >= 1"):
+        load_config(None, ["eval.compat=tinymfv"])
+    with pytest.raises(ConfigError, match=r"eval\.compat"):
+        load_config(None, ["eval.compat=moralmaps"])
+
+
 def test_overrides_parse_yaml_values():
     config = load_config("configs/demo.yaml", ["heal.lam=0.5", "steer.band=[0.4, 0.6]", "heal.ref=prev"])
     assert config.heal.lam == 0.5

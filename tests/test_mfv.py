@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 from pathlib import Path
@@ -5,9 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from interp_heal.errors import DataError
+from interp_heal.chat import use_chat_format
+from interp_heal.errors import ConfigError, DataError
 from interp_heal.mfv import (
+    COMPAT_QUIRKS,
     FOUNDATIONS,
+    Quirks,
     Steering,
     answer_token_ids,
     forced_suffix,
@@ -124,6 +128,137 @@ def test_think_then_cached_answer_equals_one_forward_over_the_same_tokens(tiny_m
             )
             prefill_nll = -log_probs[-len(prefill) - 1 : -1].gather(-1, torch.tensor(prefill)[:, None]).mean()
             assert float(cached["nll_prefill"][row_index, frame_index]) == pytest.approx(float(prefill_nll), abs=1e-4)
+
+
+SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def _reference_option_lp(
+    model, tokenizer, protocol, row, frame, think_tokens, suffix, drop_last_think=False, mask_pad_ids=False
+) -> torch.Tensor:
+    """Option log-probs of one frame alone, from plain HF calls: greedy think, then prompt + think + suffix +
+    prefill as one forward; drop_last_think leaves the think's last token out; mask_pad_ids reads the tokens
+    up to the think's last one as generate does, then the rest with the mask ids != pad id over those."""
+    user = user_prompt(protocol, row.text, frame_options(protocol, frame))
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer.encode(chat + protocol.think_open, add_special_tokens=False)
+    think: list[int] = []
+    if think_tokens:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=think_tokens,
+                min_new_tokens=think_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        think = out[0, len(prompt) :].tolist()
+    prefill = tokenizer.encode(protocol.answer_prefill, add_special_tokens=False)
+    tokens = prompt + (think[:-1] if drop_last_think else think) + suffix + prefill
+    with torch.inference_mode():
+        if not mask_pad_ids:
+            logits = model(input_ids=torch.tensor([tokens])).logits[0]
+        else:
+            split = len(prompt) + len(think) - 1
+            head = model(input_ids=torch.tensor([tokens[:split]]), use_cache=True)
+            mask = torch.cat(
+                [
+                    (torch.tensor(tokens[:split]) != tokenizer.pad_token_id).long(),
+                    torch.ones(len(tokens) - split, dtype=torch.long),
+                ]
+            )
+            logits = model(
+                input_ids=torch.tensor([tokens[split:]]), attention_mask=mask[None],
+                position_ids=torch.arange(split, len(tokens))[None], past_key_values=head.past_key_values,
+            ).logits[0]  # fmt: skip
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs[-1, answer_token_ids(protocol, tokenizer, frame_options(protocol, frame))]
+
+
+def _assert_matches_reference(model, tokenizer, rows, think_tokens, quirks, suffix, atol=1e-5):
+    protocol = load_protocol(FIXTURES, "words")
+    lengths = {len(user_prompt(protocol, row.text, frame_options(protocol, "forward"))) for row in rows}
+    assert len(lengths) > 1  # one batch holds rows of different lengths: the batch is padded
+    scored = score_frames(model, tokenizer, protocol, rows, think_tokens, batch_size=16, quirks=quirks)
+    for row_index, row in enumerate(rows):
+        for frame_index, frame in enumerate(("forward", "reversed")):
+            expected = _reference_option_lp(
+                model, tokenizer, protocol, row, frame, think_tokens, suffix, quirks.drop_last_think,
+                quirks.mask_pad_ids,
+            )  # fmt: skip
+            torch.testing.assert_close(scored["option_lp"][row_index, frame_index], expected, atol=atol, rtol=0)
+    return scored
+
+
+def _suffix_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("think_tokens", [0, 1, 8])
+def test_default_evaluator_equals_a_plain_forward_over_prompt_think_suffix_prefill(
+    tiny_model, tokenizer, rows, think_tokens
+):
+    suffix = "</think><|im_end|>\n<|im_start|>user\nYour answer?<|im_end|>\n<|im_start|>assistant\n"
+    _assert_matches_reference(tiny_model, tokenizer, rows[:4], think_tokens, Quirks(), _suffix_ids(tokenizer, suffix))
+
+
+@pytest.mark.parametrize("think_tokens", [1, 8])
+def test_tinymfv_nudge_turn_is_rendered_alone_with_the_default_system_prompt(tiny_model, tokenizer, rows, think_tokens):
+    protocol = load_protocol(FIXTURES, "words")
+    suffix = (
+        "</think><|im_end|>\n" + SMOLLM_SYSTEM + "<|im_start|>user\nYour answer?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert forced_suffix(protocol, tokenizer, nudge_alone=True) == suffix
+    quirks = Quirks(nudge_alone=True)
+    _assert_matches_reference(tiny_model, tokenizer, rows[:4], think_tokens, quirks, _suffix_ids(tokenizer, suffix))
+
+
+@pytest.mark.parametrize("think_tokens", [1, 8])
+def test_tinymfv_drops_the_last_think_token(tiny_model, tokenizer, rows, think_tokens):
+    protocol = load_protocol(FIXTURES, "words")
+    suffix = _suffix_ids(tokenizer, forced_suffix(protocol, tokenizer))
+    quirks = Quirks(drop_last_think=True)
+    dropped = _assert_matches_reference(tiny_model, tokenizer, rows[:4], think_tokens, quirks, suffix)
+    kept = score_frames(tiny_model, tokenizer, protocol, rows[:4], think_tokens, batch_size=16)
+    assert (dropped["option_lp"] - kept["option_lp"]).abs().max() > 1e-4  # 10x the tolerance: the token matters
+    if think_tokens == 1:  # with its one think token gone, the forced path reads what a 0-token think reads
+        plain = score_frames(tiny_model, tokenizer, protocol, rows[:4], 0, batch_size=16)
+        torch.testing.assert_close(dropped["option_lp"], plain["option_lp"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("think_tokens", [1, 8])
+def test_tinymfv_masks_every_pad_id_token_in_the_forced_forward(tiny_model, tokenizer, rows, think_tokens):
+    protocol = load_protocol(FIXTURES, "words")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SmolLM2: the prompt's end-of-turn tokens get masked
+    suffix = _suffix_ids(tokenizer, forced_suffix(protocol, tokenizer))
+    masked = _assert_matches_reference(tiny_model, tokenizer, rows[:4], think_tokens, Quirks(mask_pad_ids=True), suffix)
+    plain = score_frames(tiny_model, tokenizer, protocol, rows[:4], think_tokens, batch_size=16)
+    assert (masked["option_lp"] - plain["option_lp"]).abs().max() > 1e-4  # 10x the tolerance: the mask matters
+
+
+def test_tinymfv_mode_is_all_three_quirks_and_needs_a_think(tiny_model, tokenizer, rows):
+    protocol = load_protocol(FIXTURES, "words")
+    assert COMPAT_QUIRKS["none"] == Quirks() and not COMPAT_QUIRKS["none"].any
+    tinymfv = COMPAT_QUIRKS["tinymfv"]
+    suffix = _suffix_ids(tokenizer, forced_suffix(protocol, tokenizer, nudge_alone=True))
+    _assert_matches_reference(tiny_model, tokenizer, rows[:3], 4, tinymfv, suffix)
+    with pytest.raises(ConfigError, match="think_tokens >= 1"):
+        score_frames(tiny_model, tokenizer, protocol, rows[:1], 0, batch_size=2, quirks=tinymfv)
+    plain = copy.deepcopy(tokenizer)
+    use_chat_format(plain, "plain")
+    with pytest.raises(ConfigError, match=r"not with model\.chat_format plain"):
+        score_frames(tiny_model, plain, protocol, rows[:1], 1, batch_size=2, quirks=tinymfv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("think_tokens", [0, 1, 8])
+def test_default_evaluator_equals_a_plain_forward_on_smollm2(rows, think_tokens):
+    from interp_heal.models import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    protocol = load_protocol(FIXTURES, "words")
+    suffix = _suffix_ids(tokenizer, forced_suffix(protocol, tokenizer))
+    _assert_matches_reference(model, tokenizer, [rows[0], rows[5], rows[9]], think_tokens, Quirks(), suffix, 1e-3)
 
 
 def _random_vector(model, seed: int) -> SteeringVector:
