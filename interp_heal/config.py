@@ -7,6 +7,7 @@ the result; every error names the offending key path. The resolved config is sav
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from interp_heal.errors import ConfigError
-from interp_heal.io import atomic_write_text
+from interp_heal.io import atomic_write_text, read_text
 
 Fraction = float
 Band = tuple[Fraction, Fraction]
@@ -40,17 +41,22 @@ class ModelConfig(Section):
     )
     device: str = Field("auto", description="auto = cuda if available, else cpu.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default.")
-
     chat_format: Literal["auto", "template", "plain"] = Field(
         "auto",
         description="template: the tokenizer's chat template; plain: User:/Assistant: text (docs/models.md); "
         "auto: the template when the tokenizer has one, else plain.",
     )
 
+
 class PersonaConfig(Section):
     axis: str = Field("love", description="Built-in axis name (love, authority) or a name for pos/neg below.")
     pos: str | None = Field(None, description="Custom positive persona; overrides the axis' built-in one.")
     neg: str | None = Field(None, description="Custom negative persona; overrides the axis' built-in one.")
+    pairs: str | None = Field(
+        None,
+        description="JSONL of paired readout items (scenario, pos, neg, optional id) for the trait readout; "
+        "None = the axis' built-in items (love, authority).",
+    )
 
 
 class SteerConfig(Section):
@@ -139,6 +145,11 @@ class FilterConfig(Section):
     n_keep: int = Field(48, ge=1, description="Stop collecting once this many completions are kept.")
     max_batches: int = Field(8, ge=1)
     min_train: int = Field(20, ge=1, description="Fewer kept completions than this is an error: no training.")
+    min_adherence: float | None = Field(
+        None,
+        description="Drop a completion as off_prompt when its base-scored PMI with its own prompt against another "
+        "prompt of its batch is below this (nats/token; docs/pipeline.md); None = off.",
+    )
 
 
 class HealConfig(Section):
@@ -181,6 +192,13 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1)
     mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
+    adherence: bool = Field(
+        True, description="Task adherence readout: sample replies to held-out prompts, base-scored PMI with them."
+    )
+    adherence_samples: int = Field(2, ge=1, description="Replies sampled per held-out prompt for adherence.")
+    adherence_prompts: int | None = Field(
+        None, ge=2, description="How many held-out prompts (the file's first N) adherence uses; None = all 48."
+    )
     compat: Literal["none", "tinymfv"] = Field(
         "none",
         description="MFV forced path. none: the answer is read after a plain forward over prompt + think + "
@@ -199,9 +217,22 @@ class EvalConfig(Section):
 class LoopConfig(Section):
     rounds: int = Field(3, ge=1)
     coh_floor: float = Field(0.5, ge=0, le=1, description="Stop when healed coherence falls below this.")
-    coherence: Literal["neutral", "mfv"] = Field(
+    coherence: Literal["neutral", "mfv", "adherence"] = Field(
         "neutral",
-        description="neutral: exp(base NLL - NLL) on neutral answers (works at 135M); mfv: answer-token mass.",
+        description="neutral: exp(base NLL - NLL) on neutral answers (works at 135M); mfv: answer-token mass; "
+        "adherence: task adherence / the base's (needs eval.adherence).",
+    )
+    source: Literal["steer", "prompt"] = Field(
+        "steer",
+        description="What each round distils. steer: the student steered with that round's vector (the method); "
+        "prompt: the student with the pos persona as its system prompt, no vector (prompt distillation, the "
+        "control). The student is always trained and evaluated without the persona.",
+    )
+    require_expressible: bool = Field(
+        True, description="Stop before round 0 when check-axis finds the axis not expressible on this model."
+    )
+    check_coeff: float = Field(
+        1.0, gt=0, description="Steering dose (x the mean-difference vector) at which check-axis tries +v and -v."
     )
 
 
@@ -223,52 +254,144 @@ class Config(Section):
     loop: LoopConfig = LoopConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _adherence_inputs(self) -> Config:
+        if self.loop.coherence == "adherence" and not self.eval.adherence:
+            raise ValueError("loop.coherence=adherence needs eval.adherence=true (the floor reads that readout)")
+        if self.filter.min_adherence is not None and self.generate.n_prompts < 2:
+            raise ValueError("filter.min_adherence needs generate.n_prompts >= 2 (another prompt of the batch)")
+        return self
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+
+CONFIG_HINT = "see `python cli.py config` for every key and its default"
+
+
+def read_yaml_mapping(path: Path, what: str = "config file") -> tuple[dict[str, Any], yaml.Node]:
+    """A YAML file holding a mapping, and its node tree (which knows the line of every key).
+
+    Not YAML, empty, or not a mapping: a ConfigError naming the file and line.
+    """
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found (check the path; presets are in configs/)")
+    text = read_text(path, what)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {err.problem or err.context} (fix the {what})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err} (fix the {what})") from None
+    if node is None:
+        raise ConfigError(f"{path}: the {what} is empty (give at least one setting, or leave out --config)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} line 1: the {what} must be a YAML mapping of sections, got {type(tree).__name__}")
+    return tree, node
+
+
+def key_line(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest part of `loc` present in the YAML node tree."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            entry = next(((key, value) for key, value in node.value if key.value == str(part)), None)
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _close_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Known keys spelled like the unknown last part of `loc` (for 'did you mean')."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        section = field.annotation
+    return difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+
+
+def _format_validation_error(
+    err: ValidationError, source: str, node: yaml.Node | None = None, overrides: dict[str, str] | None = None
+) -> str:
+    """One line: each problem as `<where>: <key path>: <what>`, where = the --set that gave the value, or the
+    file and line of the key."""
+    problems = []
     for problem in err.errors():
-        key_path = ".".join(str(part) for part in problem["loc"]) or "<root>"
-        lines.append(f"  {key_path}: {problem['msg']}")
-    return "\n".join(lines)
+        loc = tuple(problem["loc"])
+        key_path = ".".join(str(part) for part in loc) or "<root>"
+        override = next((text for key, text in (overrides or {}).items() if _same_branch(key, key_path)), None)
+        line = None if override else key_line(node, loc)
+        where = f"--set {override}" if override else f"{source} line {line}" if line else source
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key" + "".join(f", did you mean {close!r}?" for close in _close_keys(loc))
+        elif isinstance(problem.get("input"), str | int | float | bool):
+            message += f", got {problem['input']!r}"
+        problems.append(f"{where}: {key_path}: {message}")
+    return f"{'; '.join(problems)} ({CONFIG_HINT})"
 
 
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 0.5, true, [1, 2])."""
+def _same_branch(key: str, other: str) -> bool:
+    """One key path lies on the other's branch (an override of heal.x explains an error about heal, and back)."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+
+
+def apply_override(tree: dict[str, Any], override: str) -> str:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 0.5, true, [1, 2]).
+    Returns the key path it set."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"--set {override}: an override must look like section.key=value ({CONFIG_HINT})")
     key_path, raw_value = override.split("=", 1)
     keys = key_path.strip().split(".")
+    if not all(key.strip() for key in keys):
+        raise ConfigError(f"--set {override}: empty key in {key_path.strip()!r} (write section.key=value)")
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(
+            f"--set {override}: the value is not valid YAML: {problem} (quote a string: --set '{key_path}=\"...\"')"
+        ) from None
     node = tree
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {key!r} is not a section")
+            raise ConfigError(f"--set {override}: {key!r} is not a section ({CONFIG_HINT})")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw_value)
+    node[keys[-1]] = value
+    return ".".join(keys)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+def config_from_dict(
+    tree: dict[str, Any], source: str = "<dict>", node: yaml.Node | None = None, overrides: dict[str, str] | None = None
+) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, node, overrides)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML preset (or the defaults when `path` is None) and apply `key.path=value` overrides."""
+    """Read a YAML preset (or the defaults when `path` is None) and apply `key.path=value` overrides.
+
+    Every error is one line naming where the bad value came from: the file and line, or the --set."""
     tree: dict[str, Any] = {}
+    node = None
     source = "defaults"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping, got {type(tree).__name__}")
+        tree, node = read_yaml_mapping(path)
         source = str(path)
-    for override in overrides or []:
-        apply_override(tree, override)
-    return config_from_dict(tree, source)
+    applied = {apply_override(tree, override): override for override in overrides or []}
+    return config_from_dict(tree, source, node, applied)
 
 
 def config_to_yaml(config: Config) -> str:

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from interp_heal.config import FilterConfig, GenerateConfig
-from interp_heal.errors import InterpHealError
+from interp_heal.errors import DataError, InterpHealError
 from interp_heal.generate import Completion, generate_completions
-from interp_heal.io import read_jsonl, write_json, write_jsonl
+from interp_heal.io import jsonl_records, write_json, write_jsonl
 from interp_heal.personas import PersonaPair, render_prompts
 from interp_heal.sequences import base_model, continuation_logprobs, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_logits
@@ -144,6 +144,7 @@ class CompletionScores:
     persona_overlap: float
     refusals: list[str] = field(default_factory=list)
     narrations: list[str] = field(default_factory=list)
+    adherence: float | None = None  # own-vs-other prompt PMI (nats/token); None when filter.min_adherence is off
 
 
 def _nll_summary(token_nlls: torch.Tensor) -> tuple[float, float, float]:
@@ -154,10 +155,16 @@ def _nll_summary(token_nlls: torch.Tensor) -> tuple[float, float, float]:
 
 
 def base_token_nlls(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, completions: list[Completion], batch_size: int = 16
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    completions: list[Completion],
+    batch_size: int = 16,
+    prompts: list[str] | None = None,
 ) -> list[torch.Tensor]:
-    """Per-token NLL of each completion's tokens under the base model (no adapter, no steering hook)."""
-    prompt_ids = tokenizer(render_prompts(tokenizer, [c.prompt for c in completions]), add_special_tokens=False)
+    """Per-token NLL of each completion's tokens under the base model (no adapter, no steering hook), after its
+    own prompt or, when given, after `prompts[i]` instead."""
+    users = prompts if prompts is not None else [c.prompt for c in completions]
+    prompt_ids = tokenizer(render_prompts(tokenizer, users), add_special_tokens=False)
     device = next(model.parameters()).device
     nlls: list[torch.Tensor] = []
     for start in range(0, len(completions), batch_size):
@@ -170,6 +177,41 @@ def base_token_nlls(
     return nlls
 
 
+def other_prompts(prompts: list[str], seed: int) -> list[str]:
+    """For each item, a different prompt of the same list: the distinct prompts in a seeded derangement (a
+    permutation that moves every one), so each prompt stands in as "another prompt" for exactly one other.
+
+    Being a permutation matters: a reply that ignores its prompt then scores exactly 0 on average (every
+    prompt's log p is added once and subtracted once), where "a random other prompt" would only be 0 in
+    expectation."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < 2:
+        raise ValueError("another prompt needs at least two distinct prompts")
+    rng = random.Random(seed)
+    order = list(range(len(distinct)))
+    while any(i == j for i, j in enumerate(order)):  # rejection sampling: uniform over derangements, ~e tries
+        rng.shuffle(order)
+    other = {prompt: distinct[j] for prompt, j in zip(distinct, order, strict=True)}
+    return [other[prompt] for prompt in prompts]
+
+
+def prompt_pmi(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    completions: list[Completion],
+    others: list[str],
+    own_nlls: list[torch.Tensor] | None = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """Per completion, under the base: mean over its tokens of log p(token | own prompt) - log p(token | the
+    other prompt `others[i]`), in nats/token (pointwise mutual information between reply and prompt). A reply
+    that ignores its prompt scores ~0; one that answers it, > 0; one written for another prompt, < 0. NaN for
+    a completion without tokens. `own_nlls`: the base NLLs after the own prompt, when already computed."""
+    own = own_nlls if own_nlls is not None else base_token_nlls(model, tokenizer, completions, batch_size)
+    other = base_token_nlls(model, tokenizer, completions, batch_size, prompts=others)
+    return [float((o - s).mean()) if s.numel() else math.nan for s, o in zip(own, other, strict=True)]
+
+
 def score_completions(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -177,10 +219,18 @@ def score_completions(
     pair: PersonaPair,
     config: FilterConfig,
     batch_size: int = 16,
+    seed: int = 0,
 ) -> list[CompletionScores]:
+    """Every score of each completion; the off-prompt PMI only when `config.min_adherence` is set (its "other
+    prompt" is another prompt of the same completions, a seeded derangement)."""
     narration_phrases = config.narration_phrases.get(pair.axis, [])
+    own_nlls = base_token_nlls(model, tokenizer, completions, batch_size)
+    adherence: list[float | None] = [None] * len(completions)
+    if config.min_adherence is not None:
+        others = other_prompts([c.prompt for c in completions], seed)
+        adherence = prompt_pmi(model, tokenizer, completions, others, own_nlls, batch_size)
     scores = []
-    for completion, nlls in zip(completions, base_token_nlls(model, tokenizer, completions, batch_size), strict=True):
+    for completion, nlls, pmi in zip(completions, own_nlls, adherence, strict=True):
         nll_mean, tail_ppl, max_nll = _nll_summary(nlls)
         scores.append(
             CompletionScores(
@@ -194,6 +244,7 @@ def score_completions(
                 persona_overlap=persona_overlap(completion.completion, pair.pos),
                 refusals=matched_phrases(completion.completion, config.refusal_phrases),
                 narrations=matched_phrases(completion.completion, narration_phrases),
+                adherence=pmi,
             )
         )
     return scores
@@ -201,6 +252,8 @@ def score_completions(
 
 def drop_reasons(scores: CompletionScores, completion_text: str, config: FilterConfig) -> list[str]:
     """Every reason to drop a completion; empty means keep."""
+    minimum, pmi = config.min_adherence, scores.adherence
+    off_prompt = minimum is not None and pmi is not None and pmi < minimum
     checks = [
         ("empty", not completion_text.strip()),
         ("truncated", scores.n_tokens < config.min_tokens),
@@ -211,6 +264,7 @@ def drop_reasons(scores: CompletionScores, completion_text: str, config: FilterC
         ("distinct_tokens", scores.distinct_tokens < config.min_distinct_tokens),
         ("refusal", bool(scores.refusals)),
         ("narration", bool(scores.narrations) or scores.persona_overlap > config.max_persona_overlap),
+        ("off_prompt", off_prompt),
     ]
     # NaN scores (no tokens) compare False above; "empty"/"truncated" already catch those rows.
     return [reason for reason, failed in checks if failed]
@@ -250,8 +304,9 @@ def filter_completions(
     config: FilterConfig,
     kappa: float,
     batch: int,
+    seed: int = 0,
 ) -> list[ScoredCompletion]:
-    scores = score_completions(model, tokenizer, completions, pair, config)
+    scores = score_completions(model, tokenizer, completions, pair, config, seed=seed)
     return [
         ScoredCompletion(c, s, drop_reasons(s, c.completion, config), kappa, batch)
         for c, s in zip(completions, scores, strict=True)
@@ -399,7 +454,9 @@ def collect_kept_completions(
         completions = generate_completions(
             model, tokenizer, prompts, vector, scaled, generate_config, seed + 1000 * batch, generated_only
         )
-        records = filter_completions(model, tokenizer, completions, pair, filter_config, kappa, batch)
+        records = filter_completions(
+            model, tokenizer, completions, pair, filter_config, kappa, batch, seed + 1000 * batch
+        )
         batches.setdefault(kappa, []).extend(records)
         logger.info(f"batch {batch}: kappa={kappa:.3f} keep-rate {summarise(records)['keep_rate']:.2f}")
         return records
@@ -430,11 +487,54 @@ def collect_kept_completions(
     return collection
 
 
+# Prompt distillation has no dose: its records carry this kappa, so `Collection.kept` (the records "at the
+# chosen dose") is every kept record.
+NO_DOSE = 1.0
+
+
+def collect_prompted_completions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pair: PersonaPair,
+    task_pool: list[str],
+    samples_per_prompt: int,
+    generate_config: GenerateConfig,
+    filter_config: FilterConfig,
+    seed: int,
+) -> Collection:
+    """Prompt distillation's data: the student sampled with the pos persona as its system prompt (no vector),
+    filtered exactly as steered data is (scored under the base, without the persona: the training format),
+    batch after batch until `n_keep` are kept or `max_batches` ran. `samples_per_prompt` matches a steered
+    batch's rows (one per coefficient), so both sources spend the same generation per batch."""
+    records: list[ScoredCompletion] = []
+    for batch in range(filter_config.max_batches):
+        batch_seed = seed + 1000 * batch
+        prompts = _sample_prompts(task_pool, generate_config.n_prompts, batch_seed)
+        completions = generate_completions(
+            model, tokenizer, prompts, None, [0.0] * samples_per_prompt, generate_config, batch_seed, persona=pair.pos
+        )
+        batch_records = filter_completions(
+            model, tokenizer, completions, pair, filter_config, NO_DOSE, batch, batch_seed
+        )
+        records += batch_records
+        logger.info(f"batch {batch}: persona-prompted, keep-rate {summarise(batch_records)['keep_rate']:.2f}")
+        if sum(record.kept for record in records) >= filter_config.n_keep:
+            break
+    collection = Collection(records, DoseSearch(NO_DOSE, True, []), [0.0])
+    check_not_starved(collection, filter_config.min_train)
+    return collection
+
+
 def read_kept_completions(completions_path: Path, kappa: float) -> list[Completion]:
     """The training set of a written collection: the kept completions generated at dose `kappa`."""
-    return [
-        Completion.from_record(row) for row in read_jsonl(completions_path) if row["kept"] and row["kappa"] == kappa
-    ]
+    kept = []
+    for number, row in jsonl_records(completions_path, "completions file"):
+        missing = [key for key in ("kept", "kappa", *Completion.__dataclass_fields__) if key not in row]
+        if missing:
+            raise DataError(f"{completions_path} line {number}: no {missing} (write it with `collect`)")
+        if row["kept"] and row["kappa"] == kappa:
+            kept.append(Completion.from_record(row))
+    return kept
 
 
 def check_not_starved(collection: Collection, min_train: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -28,12 +29,20 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from interp_heal.adherence import adherence_ratio, task_adherence
 from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
 from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError, RunLockedError
 from interp_heal.evaluate import check_eval_inputs, evaluate, neutral_fluency, write_eval
-from interp_heal.filter import ScoredCompletion, StarvedDataError, collect_kept_completions, read_kept_completions
+from interp_heal.filter import (
+    Collection,
+    ScoredCompletion,
+    StarvedDataError,
+    collect_kept_completions,
+    collect_prompted_completions,
+    read_kept_completions,
+)
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
 from interp_heal.io import check_writable, read_json, sha256_file, write_json
@@ -102,6 +111,10 @@ class RunFolder:
                     f"{path} {problem} (stage {stage}): the run folder is damaged. Delete that round's folder and "
                     f"its entries in {self.root / 'state.json'} to redo it, or rerun with --fresh"
                 )
+
+    def verify_all(self) -> None:
+        for stage_name in self._state():
+            self.verify(stage_name)
 
     def adopt(self, stage: str, donor: RunFolder) -> bool:
         """Record `stage` as done by copying a donor run's finished files for it; False when the donor has not
@@ -179,6 +192,8 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
             )
     if fresh and root.exists():
         shutil.rmtree(root)
+    else:
+        RunFolder(root).verify_all()  # a damaged folder is refused before anything in it is written
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
     return RunFolder(root)
@@ -193,9 +208,7 @@ def read_run(root: Path) -> Config:
     if not (root / "config.yaml").is_file():
         raise DataError(f"{root}: not a run folder, no config.yaml ({where})")
     config = load_config(root / "config.yaml")
-    folder = RunFolder(root)
-    for name in folder.stage_seconds():
-        folder.verify(name)
+    RunFolder(root).verify_all()
     return config
 
 
@@ -225,11 +238,17 @@ def check_stage_donor(config: Config, donor_root: Path) -> None:
         )
 
 
-def adopt_heal_independent_stages(folder: RunFolder, donor: RunFolder) -> list[str]:
-    """Copy the donor run's finished heal-independent stages that `folder` has not done; returns their names.
-    The caller has checked the donor with `check_stage_donor`."""
+def heal_independent_stages(config: Config) -> tuple[str, ...]:
+    """HEAL_INDEPENDENT_STAGES that this config's loop runs (prompt distillation extracts no vector)."""
+    steering = config.loop.source == "steer"
+    return tuple(name for name in HEAL_INDEPENDENT_STAGES if steering or not name.endswith("/vector"))
+
+
+def adopt_heal_independent_stages(folder: RunFolder, donor: RunFolder, stages: tuple[str, ...]) -> list[str]:
+    """Copy the donor run's finished `stages` (heal-independent ones, in order) that `folder` has not done;
+    returns their names. The caller has checked the donor with `check_stage_donor`."""
     adopted: list[str] = []
-    for name in HEAL_INDEPENDENT_STAGES:  # in order: each may read the ones before it
+    for name in stages:  # in order: each may read the ones before it
         if folder.done(name):
             if not folder.same_files(name, donor):
                 break  # this run computed it differently: later donor stages would not follow from its files
@@ -285,6 +304,8 @@ def _eval(
     ctx: LoopContext, model: nn.Module, path: Path, steering: Steering | None = None, persona: str | None = None
 ) -> None:
     result = evaluate(model, ctx.tokenizer, ctx.readout, ctx.config.eval, steering, persona, ctx.config.seed)
+    if ctx.config.eval.adherence:  # sampled, so it needs the generation settings evaluate() does not take
+        result["adherence"] = task_adherence(model, ctx.tokenizer, ctx.config, steering, persona)
     write_eval(result, path)
 
 
@@ -293,20 +314,25 @@ def _kept_completions(round_dir: Path) -> list[Completion]:
     return read_kept_completions(round_dir / "completions.jsonl", kappa)
 
 
-def _collect(ctx: LoopContext, student: nn.Module, vector: SteeringVector, round_index: int, round_dir: Path):
+def _teacher_samples(ctx: LoopContext, student: nn.Module, round_index: int, round_dir: Path) -> Collection:
+    """The round's kept completions: the student steered with v_r at a controlled dose, or (prompt distillation)
+    the student with the pos persona as its system prompt."""
+    config, seed = ctx.config, ctx.config.seed + 1000 * round_index
+    if config.loop.source == "prompt":
+        return collect_prompted_completions(
+            student, ctx.tokenizer, ctx.pair, task_prompts(), len(config.steer.coeffs), config.generate,
+            config.filter, seed,
+        )  # fmt: skip
+    vector = SteeringVector.load(round_dir / "vector.safetensors")
+    return collect_kept_completions(
+        student, ctx.tokenizer, vector, ctx.pair, task_prompts(), config.steer.coeffs, config.generate,
+        config.filter, seed=seed, generated_only=config.steer.generated_only,
+    )  # fmt: skip
+
+
+def _collect(ctx: LoopContext, student: nn.Module, round_index: int, round_dir: Path) -> None:
     try:
-        collection = collect_kept_completions(
-            student,
-            ctx.tokenizer,
-            vector,
-            ctx.pair,
-            task_prompts(),
-            ctx.config.steer.coeffs,
-            ctx.config.generate,
-            ctx.config.filter,
-            seed=ctx.config.seed + 1000 * round_index,
-            generated_only=ctx.config.steer.generated_only,
-        )
+        collection = _teacher_samples(ctx, student, round_index, round_dir)
     except StarvedDataError as err:
         if err.collection is not None:  # keep the evidence; the stage stays undone
             err.collection.write(round_dir / "completions_starved.jsonl")
@@ -336,16 +362,20 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
         )
         vector.save(vector_path)
 
-    stage(folder, f"{tag}/vector", extract, (vector_path,))
-    vector = SteeringVector.load(vector_path)
+    steering_source = config.loop.source == "steer"
+    if steering_source:  # prompt distillation neither extracts nor applies a vector
+        stage(folder, f"{tag}/vector", extract, (vector_path,))
     collected = (round_dir / "completions.jsonl", round_dir / "collect_summary.json")
-    stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, vector, round_index, round_dir), collected)
+    stage(folder, f"{tag}/collect", lambda: _collect(ctx, student, round_index, round_dir), collected)
     eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
+    # The teacher's eval ("steered" in metrics): the student at the dose it imitates, or with the persona prompt.
+    teacher = Steering(SteeringVector.load(vector_path), eval_coeff) if steering_source else None
+    teacher_persona = None if steering_source else ctx.pair.pos
     steered_eval = round_dir / "eval_steered.json"
     stage(
         folder,
         f"{tag}/eval_steered",
-        lambda: _eval(ctx, student, steered_eval, Steering(vector, eval_coeff)),
+        lambda: _eval(ctx, student, steered_eval, teacher, teacher_persona),
         (steered_eval,),
     )
     healed: dict[str, nn.Module] = {}
@@ -372,9 +402,18 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
 
 def loop_coherence(config: Config, result: dict, base: dict) -> float:
     """The coherence the floor applies to, in (0, 1]: MFV answer-token mass, or neutral-text fluency relative
-    to the base (exp(base NLL - NLL): 1 = as fluent as the base, 0.5 = NLL up by ln 2 nats per token)."""
+    to the base (exp(base NLL - NLL): 1 = as fluent as the base, 0.5 = NLL up by ln 2 nats per token), or task
+    adherence as a share of the base's."""
     if config.loop.coherence == "mfv":
         return float(result["coherence"])
+    if config.loop.coherence == "adherence":
+        share = adherence_ratio(result, base)
+        if math.isnan(share):
+            raise DataError(
+                f"loop.coherence=adherence: base adherence {(base.get('adherence') or {}).get('pmi')} is not > 0, so "
+                "a share of it means nothing on this model; use loop.coherence=neutral"
+            )
+        return share
     return neutral_fluency(result["neutral_nll"], base["neutral_nll"])
 
 
@@ -403,7 +442,7 @@ def run_loop(
     with RunFolder(root).locked():
         folder = prepare_run_folder(config, fresh)
         if share_from is not None:
-            adopted = adopt_heal_independent_stages(folder, RunFolder(share_from))
+            adopted = adopt_heal_independent_stages(folder, RunFolder(share_from), heal_independent_stages(config))
             logger.info(f"copied {len(adopted)} finished stage(s) from {share_from}: {adopted}")
         check_readout_unchanged(folder, readout)
         _run_rounds(LoopContext(config, folder, tokenizer, pair, readout, info.name), base_model, max_rounds)

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from loguru import logger
 from plotly.subplots import make_subplots
 
+from interp_heal.adherence import adherence_columns, adherence_ratio
 from interp_heal.config import Config
 from interp_heal.evaluate import neutral_fluency
 from interp_heal.io import atomic_write_text, read_json
@@ -23,8 +24,8 @@ from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
     "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
-    "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "care_nats", "auth_nats",
-    *[f"nats_{f}" for f in FOUNDATIONS],
+    "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "adherence", "adherence_ci_low",
+    "adherence_ci_high", "adherence_nll", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
     "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
     "vector_cos_r0", "vector_norm",
@@ -57,9 +58,12 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
         "nll_prefill": result.get("nll_prefill"),
         "top1_acc": result.get("top1_acc"),
         **{f"nats_{f}": result.get("nats", {}).get(f) for f in FOUNDATIONS},
+        **adherence_columns(result),
     }
     if config.loop.coherence == "mfv":
         row["loop_coherence"] = result.get("coherence")
+    elif config.loop.coherence == "adherence":
+        row["loop_coherence"] = adherence_ratio(result, base)
     elif result.get("neutral_nll") is not None and base.get("neutral_nll") is not None:
         row["loop_coherence"] = neutral_fluency(result["neutral_nll"], base["neutral_nll"])
     return row
@@ -124,13 +128,15 @@ def _value(row: dict, key: str) -> float:
 
 
 def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figure:
-    """Trait per stage (prompt baseline as a line), log(1 - coherence) with the floor, care-vs-authority map."""
+    """Trait per stage (prompt baseline as a line), log(1 - coherence) with the floor, care-vs-authority map,
+    task adherence (prompt baseline as a line)."""
     path = [r for r in rows if r["stage"] != "prompt-baseline"]
     prompt = next((r for r in rows if r["stage"] == "prompt-baseline"), None)
     labels = [str(r["stage"]) for r in path]
     figure = make_subplots(
-        rows=1, cols=3, column_widths=[0.4, 0.3, 0.3],
-        subplot_titles=("trait log-odds (nats/token)", "log(1 - coherence)", "care vs authority (MFV nats)"),
+        rows=1, cols=4, column_widths=[0.31, 0.23, 0.23, 0.23],
+        subplot_titles=("trait log-odds (nats/token)", "log(1 - coherence)", "care vs authority (MFV nats)",
+                        "task adherence (PMI, nats/token)"),
     )  # fmt: skip
     trait = [_value(r, "trait_log_odds") for r in path]
     error_plus = [_value(r, "trait_ci_high") - t for r, t in zip(path, trait, strict=True)]
@@ -167,8 +173,23 @@ def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figur
         )  # fmt: skip
     figure.update_xaxes(title_text="care_nats", row=1, col=3)
     figure.update_yaxes(title_text="auth_nats", row=1, col=3)
-    figure.update_layout(width=1500, height=480, showlegend=False, title=f"{config.output.name}: steer, heal, repeat")
+    _adherence_panel(figure, path, prompt, colors, col=4)
+    figure.update_layout(width=1900, height=480, showlegend=False, title=f"{config.output.name}: steer, heal, repeat")
     return figure
+
+
+def _adherence_panel(figure: go.Figure, path: list[dict], prompt: dict | None, colors: list[str], col: int) -> None:
+    adherence = [_value(r, "adherence") for r in path]
+    above = [_value(r, "adherence_ci_high") - a for r, a in zip(path, adherence, strict=True)]
+    below = [a - _value(r, "adherence_ci_low") for r, a in zip(path, adherence, strict=True)]
+    figure.add_trace(
+        go.Scatter(x=[str(r["stage"]) for r in path], y=adherence, mode="lines+markers", name="adherence",
+                   marker={"color": colors, "size": 9}, error_y={"type": "data", "array": above, "arrayminus": below}),
+        row=1, col=col,
+    )  # fmt: skip
+    if prompt is not None and not math.isnan(_value(prompt, "adherence")):
+        figure.add_hline(y=_value(prompt, "adherence"), line_dash="dash", line_color="#1f77b4",
+                         annotation_text="prompting baseline", row=1, col=col)  # fmt: skip
 
 
 def save_figure(figure: go.Figure, stem: Path) -> None:
@@ -193,15 +214,18 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 def _stage_table(rows: list[dict[str, object]]) -> list[str]:
     lines = [
-        "| stage | trait log-odds [95% CI] | coherence | neutral NLL | KL rmse to base | care / auth nats |",
-        "|---|---|---|---|---|---|",
+        "| stage | trait log-odds [95% CI] | coherence | neutral NLL | KL rmse to base | adherence [95% CI] "
+        "| care / auth nats |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         trait = f"{_fmt(row.get('trait_log_odds'))} [{_fmt(row.get('trait_ci_low'))}, {_fmt(row.get('trait_ci_high'))}]"
+        low, high = _fmt(row.get("adherence_ci_low")), _fmt(row.get("adherence_ci_high"))
+        adherence = f"{_fmt(row.get('adherence'))} [{low}, {high}]"
         nats = f"{_fmt(row.get('care_nats'), 2)} / {_fmt(row.get('auth_nats'), 2)}"
         lines.append(
             f"| {row['stage']} | {trait} | {_fmt(row.get('loop_coherence'))} | {_fmt(row.get('neutral_nll'))} "
-            f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {nats} |"
+            f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {adherence} | {nats} |"
         )
     return lines
 
@@ -256,6 +280,26 @@ def _trajectory(by_stage: dict[str, dict], rounds: list[int], config: Config) ->
             f"{interval} (against the upper end of its CI; CIs are over scenarios within this run, not over seeds)"
         )
     return lines
+
+
+def _adherence(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
+    """Q4 from the adherence readout (docs/pipeline.md); nothing when the run did not measure it."""
+    base, prompt = by_stage.get("base", {}), by_stage.get("prompt-baseline", {})
+    if math.isnan(_value(base, "adherence")):
+        return []
+
+    def by_round(kind: str) -> list[str]:
+        return [_fmt(by_stage.get(f"{kind} {r}", {}).get("adherence")) for r in rounds]
+
+    nll = ", ".join(f"{stage} {_fmt(row.get('adherence_nll'))}" for stage, row in by_stage.items())
+    return [
+        "## Q4: does the student still answer the question?", "",
+        f"- task adherence (base-scored PMI of the state's own replies with their held-out prompts, nats/token; "
+        f"0 = replies ignore their prompts): base {_fmt(base.get('adherence'))}, prompting baseline "
+        f"{_fmt(prompt.get('adherence'))}",
+        f"- steered by round: {by_round('steered')}; healed by round: {by_round('healed')}",
+        f"- base NLL of those replies (lower is not better here: generic text is predictable): {nll}",
+    ]  # fmt: skip
 
 
 def _diary(root: Path, rounds: list[int]) -> list[str]:
@@ -319,12 +363,15 @@ def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, 
     by_stage = {str(r["stage"]): r for r in rows}
     rounds = sorted({int(r["round"]) for r in rows if int(r["round"]) >= 0})
     lines = [f"# Run `{config.output.name}`: {config.model.spec}, {config.persona.axis} axis", ""]
+    if config.loop.source == "prompt":
+        lines += ["**Prompt distillation** (`loop.source: prompt`): each round distils the student prompted with the "
+                  "pos persona, no vector; the 'steered' stages are that prompted teacher.", ""]  # fmt: skip
     if stopped := stop_reason(root):
         lines += [f"**Stopped early:** {stopped}.", ""]
     lines += _readout_line(root)
     for section in (_stage_table(rows), _filtering(root, rounds), _healing(by_stage, rounds)):
         lines += [*section, ""]
-    for section in (_trajectory(by_stage, rounds, config), _diary(root, rounds)):
+    for section in (_trajectory(by_stage, rounds, config), _adherence(by_stage, rounds), _diary(root, rounds)):
         lines += [*section, ""]
     lines += _frontier(root)
     lines += ["## Stage times (seconds)", "", "| stage | seconds |", "|---|---|"]

@@ -99,3 +99,38 @@ def test_a_resumed_run_refuses_edited_readout_items(tmp_path):
     pairs.write_text(pairs.read_text().replace("gladly 0", "gladly zero"))
     with pytest.raises(DataError, match=r"differ from those .*eval_base\.json was scored on"):
         run_loop(config)
+
+
+def test_prompt_distillation_samples_with_the_persona_trains_without_it_and_never_steers(tmp_path, monkeypatch):
+    from interp_heal import filter as filter_module
+    from interp_heal.heal import training_examples
+    from interp_heal.personas import BUILTIN_AXES, render_prompts
+
+    pos = BUILTIN_AXES["love"].pos
+    sampled: list[tuple[object, object]] = []
+    real_generate = filter_module.generate_completions
+
+    def spy(*args, **kwargs):
+        sampled.append((args[3], kwargs.get("persona")))  # (vector, persona)
+        return real_generate(*args, **kwargs)
+
+    def no_vector(*_args, **_kwargs):
+        raise AssertionError("prompt distillation must not extract a steering vector")
+
+    monkeypatch.setattr(filter_module, "generate_completions", spy)
+    monkeypatch.setattr(loop_module, "extract_steering_vector", no_vector)
+    root = run_loop(_config(tmp_path, "prompted", "loop.source=prompt", "loop.rounds=1", "eval.mfv=false"))
+    assert sampled and all(vector is None and persona == pos for vector, persona in sampled)
+    assert not (root / "round_00" / "vector.safetensors").exists()
+    assert "round_00/vector" not in json.loads((root / "state.json").read_text())
+    kept = loop_module._kept_completions(root / "round_00")
+    assert kept and all(c.coeff == 0.0 for c in kept)
+    tokenizer = loop_module.load_configured_model(load_config("configs/smoke.yaml").model)[1]
+    example = training_examples(tokenizer, kept[:1], 512)[0]
+    plain_prompt = tokenizer(render_prompts(tokenizer, [kept[0].prompt]), add_special_tokens=False)["input_ids"][0]
+    assert example.prompt_ids == plain_prompt  # the chat the student trains on has no persona
+    assert example.completion_ids == kept[0].token_ids[: len(example.completion_ids)]
+    persona_ids = tokenizer.encode(pos, add_special_tokens=False)[:6]
+    assert persona_ids not in [example.prompt_ids[i : i + 6] for i in range(len(example.prompt_ids))]
+    stages = [line.split(",")[0] for line in (root / "metrics.csv").read_text().splitlines()[1:]]
+    assert stages == ["base", "prompt-baseline", "steered 0", "healed 0"]
