@@ -35,15 +35,15 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from interp_heal.bake import bake, finished_rounds, student_at
-from interp_heal.config import load_config
 from interp_heal.errors import DataError
 from interp_heal.generate import Completion
 from interp_heal.heal import AGGREGATES, aggregate_kl
 from interp_heal.io import read_jsonl, write_json
+from interp_heal.loop import read_run
 from interp_heal.models import load_configured_model
 from interp_heal.personas import render_prompts
 from interp_heal.report import save_figure
-from interp_heal.sequences import PaddedBatch, kl_from_logprobs, pad_left
+from interp_heal.sequences import PaddedBatch, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_states
 
 
@@ -94,11 +94,11 @@ def _forward(
     vector: SteeringVector | None = None,
     coeff: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs [n_tok, V] and block outputs [L, n_tok, d] at the positions that predict completion tokens."""
+    """Logits [n_tok, V] and block outputs [L, n_tok, d] at the positions that predict completion tokens."""
     with torch.inference_mode():
         logits, states = steered_states(model, tokenizer, batch.model_inputs(), vector, coeff)
     mask = batch.target_mask
-    return torch.log_softmax(logits[mask].float(), dim=-1).cpu(), states[:, mask].float().cpu()
+    return logits[mask], states[:, mask].float().cpu()
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,13 @@ def token_diffs(
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start, batch in tqdm(list(_batches(tokenizer, data.kept, batch_size, device)), desc="diffs", leave=False):
         with student_at(student, None, n_rounds) as base:
-            base_lp, base_h = _forward(base, tokenizer, batch)
+            base_logits, base_h = _forward(base, tokenizer, batch)
         with student_at(student, before, n_rounds) as generator:
-            steered_lp, steered_h = _forward(generator, tokenizer, batch, data.vector, data.eval_coeff)
+            steered_logits, steered_h = _forward(generator, tokenizer, batch, data.vector, data.eval_coeff)
         with student_at(student, data.index, n_rounds) as healed:
-            healed_lp, healed_h = _forward(healed, tokenizer, batch)
-        parts["kl_steered"].append(kl_from_logprobs(steered_lp, base_lp))
-        parts["kl_healed"].append(kl_from_logprobs(healed_lp, base_lp))
+            healed_logits, healed_h = _forward(healed, tokenizer, batch)
+        parts["kl_steered"].append(token_kl(steered_logits, base_logits).cpu())
+        parts["kl_healed"].append(token_kl(healed_logits, base_logits).cpu())
         parts["delta_steered"].append(steered_h - base_h)
         parts["delta_healed"].append(healed_h - base_h)
         parts["base_norm"].append(base_h.norm(dim=-1))
@@ -304,7 +304,7 @@ def diff_figure(result: dict[str, object]) -> go.Figure:
 def run_diffs(run: Path, rounds: list[int] | None = None, out: Path | None = None, max_kept: int = 32,
               max_dropped: int = 32) -> list[dict[str, object]]:  # fmt: skip
     """diffs_round_XX.json + figure for each finished round (or the ones asked for) under run/analysis/."""
-    config = load_config(run / "config.yaml")
+    config = read_run(run)
     finished = finished_rounds(run)
     unknown = sorted(set(rounds or []) - set(finished))
     if unknown:

@@ -26,6 +26,7 @@ from loguru import logger
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -36,7 +37,17 @@ from interp_heal.generate import Completion
 from interp_heal.models import band_to_layers, decoder_layers, is_peft_model
 from interp_heal.parallel import DataParallel, share_of_step
 from interp_heal.personas import render_prompts
-from interp_heal.sequences import PaddedBatch, base_model, kl_from_logprobs, pad_left, target_ids
+from interp_heal.sequences import (
+    PaddedBatch,
+    base_model,
+    kl_from_logprobs,
+    pad_left,
+    position_chunks,
+    scored_hidden,
+    target_ids,
+    unembed,
+    vocab_size,
+)
 
 AGGREGATES = ("mean", "rmse", "p95", "max")
 
@@ -196,10 +207,34 @@ class LossParts:
 
 
 def reference_log_probs(model: nn.Module, batch: PaddedBatch, config: HealConfig, name: str) -> torch.Tensor:
-    """log p_ref at the completion positions of a batch, [n_tokens, vocab] fp32."""
+    """log p_ref at the completion positions of a batch, [n_tokens, vocab] fp32, unembedded a chunk at a time."""
     with torch.no_grad(), reference_model(model, config.ref, name) as reference:
-        ref_logits = batch.at_targets(reference(**batch.scored_inputs()).logits)
-    return torch.log_softmax(ref_logits.float(), dim=-1)
+        hidden = scored_hidden(reference, batch)
+        chunks = position_chunks(len(hidden), vocab_size(model))
+        return torch.cat([torch.log_softmax(unembed(reference, hidden[chunk]), dim=-1) for chunk in chunks])
+
+
+def token_losses(
+    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ref_log_probs: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token NLL and KL(student || ref) from the student's final hidden states, a chunk of positions at a
+    time. With gradients, each chunk is checkpointed: its [chunk, vocab] logits are recomputed in the backward
+    instead of kept, so peak memory follows the chunk, not tokens x vocabulary (Gemma: 1 MB per token)."""
+
+    def chunk_losses(h: torch.Tensor, t: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        log_p = torch.log_softmax(unembed(model, h), dim=-1)
+        nll = -log_p.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        return (nll,) if ref is None else (nll, kl_from_logprobs(log_p, ref))
+
+    parts = []
+    for chunk in position_chunks(len(hidden), vocab_size(model)):
+        args = (hidden[chunk], targets[chunk], None if ref_log_probs is None else ref_log_probs[chunk])
+        if hidden.requires_grad:
+            parts.append(checkpoint(chunk_losses, *args, use_reentrant=False))
+        else:
+            parts.append(chunk_losses(*args))
+    nll = torch.cat([part[0] for part in parts])
+    return nll, None if ref_log_probs is None else torch.cat([part[1] for part in parts])
 
 
 def batch_loss(
@@ -215,17 +250,15 @@ def batch_loss(
     """NLL on the completion tokens plus the barrier. The reference forward also runs when lam_eff = 0, so
     plain distillation still logs its KL drift; `with_reference=False` skips it (pure NLL, KL reported NaN).
     `ref_log_probs` (from `reference_log_probs`, e.g. cached) replaces the reference forward."""
-    with torch.set_grad_enabled(with_grad):
-        logits = batch.at_targets(model(**batch.scored_inputs()).logits)
-    log_p = torch.log_softmax(logits.float(), dim=-1)
+    if with_reference and ref_log_probs is None:
+        ref_log_probs = reference_log_probs(model, batch, config, name)
     targets = target_ids(batch)[batch.target_mask]
-    nll = -log_p.gather(-1, targets.unsqueeze(-1)).mean()
-    if not with_reference:
+    with torch.set_grad_enabled(with_grad):
+        token_nll, kl = token_losses(model, scored_hidden(model, batch), targets, ref_log_probs)
+    nll = token_nll.mean()
+    if kl is None:
         nan = float("nan")
         return LossParts(nll, nll.item(), nan, nan, nan, nan, 0.0, False)
-    if ref_log_probs is None:
-        ref_log_probs = reference_log_probs(model, batch, config, name)
-    kl = kl_from_logprobs(log_p, ref_log_probs)
     divergence = aggregate_kl(kl, config.agg)
     active = bool(divergence.detach() > config.tau)
     # relu(D - tau) has zero gradient below tau; leaving the term out there is the same loss and avoids

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from interp_heal.models import is_peft_model
+from interp_heal.models import final_norm, is_peft_model, text_config, unwrap_peft
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,30 @@ def target_ids(batch: PaddedBatch) -> torch.Tensor:
     return shifted
 
 
+# Full-vocabulary work (log-softmax, KL) runs over this many logits at a time, so its peak memory is set
+# here rather than by batch x length x vocabulary: 64 positions of Gemma 3's 262k vocabulary, 341 of SmolLM2's.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def position_chunks(n_positions: int, vocab_size: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // vocab_size)
+    return [slice(start, start + step) for start in range(0, n_positions, step)]
+
+
 def continuation_logprobs(logits: torch.Tensor, batch: PaddedBatch) -> list[torch.Tensor]:
     """Per-token log p(continuation token) for each row, as a list of 1-D float32 tensors.
 
     `logits` covers all T positions or the last T' of them (a forward with `logits_to_keep`).
     """
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(-1, target_ids(batch)[:, -logits.shape[1] :].unsqueeze(-1)).squeeze(-1)
-    return batch.rows_at_targets(picked)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = target_ids(batch)[:, -logits.shape[1] :].reshape(-1, 1)
+    picked = torch.cat(
+        [
+            torch.log_softmax(flat_logits[chunk].float(), dim=-1).gather(-1, flat_targets[chunk]).squeeze(-1)
+            for chunk in position_chunks(len(flat_logits), logits.shape[-1])
+        ]
+    )
+    return batch.rows_at_targets(picked.view(logits.shape[:-1]))
 
 
 def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -106,12 +123,50 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     reverse KL of the heal barrier. (torch's F.kl_div(input=log q, target=log p) computes this same KL(p||q);
     the argument order is easy to get backwards, so this is spelled out.)
     """
-    return kl_from_logprobs(torch.log_softmax(logits_p.float(), dim=-1), torch.log_softmax(logits_q.float(), dim=-1))
+    flat_p, flat_q = (logits.reshape(-1, logits.shape[-1]) for logits in (logits_p, logits_q))
+    kl = torch.cat(
+        [
+            kl_from_logprobs(torch.log_softmax(flat_p[chunk].float(), -1), torch.log_softmax(flat_q[chunk].float(), -1))
+            for chunk in position_chunks(len(flat_p), logits_p.shape[-1])
+        ]
+    )
+    return kl.view(logits_p.shape[:-1])
 
 
 def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from log-probabilities over the last dimension."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def scored_hidden(model: nn.Module, batch: PaddedBatch) -> torch.Tensor:
+    """The unembedding's input (the final norm's output) at the continuation-predicting positions, [n_targets, d]:
+    `unembed` turns it into logits a chunk of positions at a time. The forward goes through `model` itself (a DDP
+    wrapper must see it) and keeps the logits of one position only. The norm's output is read by a hook added
+    for this call, since `output_hidden_states` relies on hooks that `base_model` suspends."""
+    captured: list[torch.Tensor] = []
+    hook = final_norm(_causal_lm(model)).register_forward_hook(lambda _module, _args, out: captured.append(out))
+    try:
+        model(**batch.model_inputs(), logits_to_keep=1)
+    finally:
+        hook.remove()
+    return batch.at_targets(captured[-1])
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The *ForCausalLM inside a DDP and/or peft wrapper."""
+    return unwrap_peft(model.module if isinstance(model, DistributedDataParallel) else model)[0]
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(text_config(_causal_lm(model)).vocab_size)
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from final hidden states, as the model's own head makes them (with Gemma 2's soft cap)."""
+    inner = _causal_lm(model)
+    logits = inner.get_output_embeddings()(hidden).float()
+    cap = getattr(text_config(inner), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @contextmanager
