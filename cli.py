@@ -294,6 +294,13 @@ def format_eval(result: dict) -> str:
             f"MFV ({result['n_rows']} rows, {result['think_tokens']} think, compat {result['mfv_compat']}): {nats}; "
             f"answer-token mass {result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
         )
+    if "adherence" in result:
+        adherence = result["adherence"]
+        lines.append(
+            f"task adherence {adherence['pmi']:+.3f} nats/token, 95% CI [{adherence['ci95'][0]:+.3f}, "
+            f"{adherence['ci95'][1]:+.3f}] over {adherence['n_prompts']} held-out prompts; base NLL of the replies "
+            f"{adherence['nll']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -323,10 +330,12 @@ def sweep(
     ),
 ) -> None:
     """Matched loop runs from one sweep file, advanced round by round (rerun to resume); then the report."""
+    settings = load_sweep(config)
     if not report_only:
         for name, root in run_sweep(config, only).items():
             typer.echo(f"{name}: {root}")
-    settings = load_sweep(config)
+            if name in settings.frontier:  # resumable: finished rounds are skipped
+                typer.echo(format_frontier(run_frontier(root)))
     report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
     typer.echo(f"report: {report}")
 

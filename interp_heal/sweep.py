@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from loguru import logger
 from pydantic import Field, ValidationError
 
-from interp_heal.config import Config, Section, load_config
+from interp_heal.config import Config, Section, key_line, load_config, read_yaml_mapping
 from interp_heal.errors import ConfigError
 from interp_heal.loop import differs_only_in_heal, run_loop
 
@@ -26,6 +25,10 @@ class SweepConfig(Section):
     overrides: list[str] = Field(default_factory=list, description="Applied to every run (e.g. loop.rounds=6).")
     runs: dict[str, list[str]] = Field(min_length=1, description="Run name -> its own overrides.")
     anchor: str = Field("rmse_base", description="The reference arm; its seed variants give the noise floor.")
+    frontier: list[str] = Field(
+        default_factory=list,
+        description="Runs whose every finished round gets a steering frontier (`cli.py frontier`) after the sweep.",
+    )
     report_dir: str = Field(
         "reports",
         description="Where the experiments report is written (experiments.md, .csv, one figure per question).",
@@ -33,19 +36,24 @@ class SweepConfig(Section):
 
 
 def load_sweep(path: Path) -> SweepConfig:
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree, node = read_yaml_mapping(path, "sweep file")
     try:
         return SweepConfig.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid sweep file {path}: {problems}") from None
+        problems = []
+        for problem in err.errors():
+            line = key_line(node, tuple(problem["loc"]))
+            where = f"{path} line {line}" if line else str(path)
+            problems.append(f"{where}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+        raise ConfigError(f"{'; '.join(problems)} (see configs/experiments.yaml for the layout)") from None
 
 
 def sweep_configs(path: Path) -> dict[str, Config]:
     """Every run's full config; all of them are validated before any run starts."""
     sweep = load_sweep(path)
+    unknown = sorted(set(sweep.frontier) - set(sweep.runs))
+    if unknown:
+        raise ConfigError(f"{path}: frontier names runs {unknown} the sweep does not have ({sorted(sweep.runs)})")
     base_path = (path.parent / sweep.base).resolve()
     configs: dict[str, Config] = {}
     for name, run_overrides in sweep.runs.items():

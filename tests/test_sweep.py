@@ -232,3 +232,19 @@ def test_stop_reason_reads_what_the_loop_writes_and_is_empty_for_a_run_that_was_
     assert stop_reason(tmp_path) == ""
     write_json(tmp_path / "stopped.json", {"round": 3, "reason": "healed coherence 0.366 < coh_floor 0.5"})
     assert stop_reason(tmp_path) == "healed coherence 0.366 < coh_floor 0.5"
+
+
+def test_the_controls_sweep_resolves_every_arm(tmp_path):
+    from interp_heal.sweep import load_sweep, sweep_configs
+
+    configs = sweep_configs(Path("configs/controls.yaml"))
+    assert len(configs) == 9 and all(config.loop.rounds == 6 for config in configs.values())
+    assert {name for name, config in configs.items() if config.loop.source == "prompt"} == {
+        "prompt_distill", "prompt_distill_seed1", "prompt_distill_seed2"
+    }  # fmt: skip
+    assert set(load_sweep(Path("configs/controls.yaml")).frontier) <= set(configs)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: demo.yaml\nruns: {a: []}\nfrontier: [b]\n")
+    (tmp_path / "demo.yaml").write_text(Path("configs/demo.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"frontier names runs \['b'\]"):
+        sweep_configs(bad)
