@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,8 @@ def _check_band(band: Band) -> Band:
 
 
 class ModelConfig(Section):
+    """Which model, in which precision, on which device, and how its chats are rendered."""
+
     spec: str = Field("smollm2-135m", description="Embedded model name, HF model id, or local HF folder.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
@@ -49,6 +51,8 @@ class ModelConfig(Section):
 
 
 class PersonaConfig(Section):
+    """The trait axis: a persona pair, and the readout items that score it."""
+
     axis: str = Field("love", description="Built-in axis name (love, authority) or a name for pos/neg below.")
     pos: str | None = Field(None, description="Custom positive persona; overrides the axis' built-in one.")
     neg: str | None = Field(None, description="Custom negative persona; overrides the axis' built-in one.")
@@ -60,22 +64,26 @@ class PersonaConfig(Section):
 
 
 class SteerConfig(Section):
+    """The steering vector: how it is extracted (contexts, band) and the doses tried."""
+
     n_contexts: int = Field(64, ge=1, description="Context prompts averaged for the mean-difference vector.")
     band: Band = Field((0.45, 0.55), description="Fractions of depth whose layers are steered.")
     coeffs: list[float] = Field([1.0], min_length=1, description="Steering coefficients to try.")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Context prompts per forward pass during extraction.")
     generated_only: bool = Field(False, description="Steer generated tokens only, not the prompt.")
 
     _band_ok = field_validator("band")(_check_band)
 
 
 class GenerateConfig(Section):
+    """Sampling of steered (or persona-prompted) completions."""
+
     n_prompts: int = Field(16, ge=1, description="Task prompts sampled per batch.")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="Tokens sampled per completion (at most).")
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest token set with this mass.")
     top_k: int = Field(0, ge=0, description="0 = no top-k cut.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Sequences (prompt x coefficient rows) per generate call.")
     share_prefix: bool = Field(
         True, description="Run the prompts' shared prefix (the chat template's system block) once per coefficient."
     )
@@ -124,6 +132,8 @@ NARRATION_PHRASES = {
 
 
 class FilterConfig(Section):
+    """Which completions are kept for training, and the dose controller that picks the coefficient."""
+
     max_tail_ppl: float = Field(30.0, gt=0, description="Max base-model perplexity over the last 25% of tokens.")
     max_token_nll: float = Field(12.0, gt=0, description="Max NLL of any single completion token (nats).")
     max_repetition: float = Field(0.3, ge=0, le=1, description="Max repeated word/char n-gram fraction.")
@@ -140,10 +150,10 @@ class FilterConfig(Section):
     )
     keep_target: float = Field(0.75, gt=0, le=1, description="Probe keep-rate the dose controller targets.")
     kappa_min: float = Field(0.1, gt=0, le=1, description="Lower edge of the dose bisection.")
-    bisect_steps: int = Field(4, ge=0)
+    bisect_steps: int = Field(4, ge=0, description="Dose bisection steps after probing kappa 1 and kappa_min.")
     kl_target: float | None = Field(None, gt=0, description="Alternative dose target: mean KL(steered||base).")
     n_keep: int = Field(48, ge=1, description="Stop collecting once this many completions are kept.")
-    max_batches: int = Field(8, ge=1)
+    max_batches: int = Field(8, ge=1, description="Most batches generated at the chosen dose per round.")
     min_train: int = Field(20, ge=1, description="Fewer kept completions than this is an error: no training.")
     min_adherence: float | None = Field(
         None,
@@ -153,27 +163,35 @@ class FilterConfig(Section):
 
 
 class HealConfig(Section):
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """The LoRA trained each round: NLL on kept completions + lam * relu(agg KL(student || ref) - tau)."""
+
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / r) B A.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
     target_modules: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names (within each decoder block of the band) that get a LoRA.",
     )
     band: Band = Field((0.2, 0.8), description="Fractions of depth whose blocks get LoRA.")
-    lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_frac: float = Field(0.1, ge=0, lt=1)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0, description="AdamW peak learning rate (cosine schedule after warmup).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    warmup_frac: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps with linear warmup.")
+    epochs: int = Field(2, ge=1, description="Passes over the kept completions per round.")
+    batch_size: int = Field(4, ge=1, description="Training examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip per optimizer step.")
     max_len: int = Field(128, ge=8, description="Prompt+completion tokens per training example.")
-    val_frac: float = Field(0.1, ge=0, lt=1)
+    val_frac: float = Field(0.1, ge=0, lt=1, description="Share of kept completions held out for validation.")
     lam: float = Field(0.3, ge=0, description="Barrier weight; 0 = plain NLL distillation.")
     tau: float = Field(1.0, ge=0, description="Barrier threshold on the aggregated KL (nats).")
-    agg: Literal["mean", "rmse", "p95", "max"] = "rmse"
-    ref: Literal["base", "prev"] = "base"
+    agg: Literal["mean", "rmse", "p95", "max"] = Field(
+        "rmse", description="How per-token KL(student || ref) is aggregated over a batch's tokens for the barrier."
+    )
+    ref: Literal["base", "prev"] = Field(
+        "base", description="The barrier's reference: the base model, or the student before this round."
+    )
     lam_round_pow: float = Field(0.0, description="lambda_eff = lam * (1 + round) ** lam_round_pow.")
     ref_cache_mb: int = Field(
         2048, ge=0, description="Memory for reference log-probs reused across epochs (0 = recompute every step)."
@@ -183,13 +201,15 @@ class HealConfig(Section):
 
 
 class EvalConfig(Section):
+    """The readouts of every model state: trait log-odds, neutral fluency, MFV."""
+
     mfv_data: str | None = Field(None, description="MFV data folder; else env INTERP_HEAL_MFV_DATA.")
-    protocol: Literal["words", "digits"] = "words"
+    protocol: Literal["words", "digits"] = Field("words", description="MFV answer format (see ../shared/mfv).")
     set_name: str = Field("classic", description="Vignette set: vignettes_<set>_<condition>.jsonl.")
     condition: str = Field("other_violate", description="other_violate or self_violate (or any file's).")
     n_vignettes: int | None = Field(None, ge=1, description="Stratified subset of vignettes; None = all.")
-    think_tokens: int = Field(0, ge=0)
-    batch_size: int = Field(16, ge=1)
+    think_tokens: int = Field(0, ge=0, description="Greedy tokens the model writes before the forced MFV answer.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass in every readout.")
     mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
     adherence: bool = Field(
@@ -215,7 +235,9 @@ class EvalConfig(Section):
 
 
 class LoopConfig(Section):
-    rounds: int = Field(3, ge=1)
+    """Rounds, the coherence floor that stops the loop, and what each round distils."""
+
+    rounds: int = Field(3, ge=1, description="Steer-heal rounds (fewer if the coherence floor stops the loop).")
     coh_floor: float = Field(0.5, ge=0, le=1, description="Stop when healed coherence falls below this.")
     coherence: Literal["neutral", "mfv", "adherence"] = Field(
         "neutral",
@@ -237,13 +259,17 @@ class LoopConfig(Section):
 
 
 class OutputConfig(Section):
-    runs_dir: str = "runs"
-    name: str = "demo"
+    """Where the run folder goes."""
+
+    runs_dir: str = Field("runs", description="Folder holding run folders.")
+    name: str = Field("demo", description="The run folder's name: <runs_dir>/<name>.")
     min_free_mb: float = Field(500, ge=0, description="Refuse to start a run with less free disk than this.")
 
 
 class Config(Section):
-    seed: int = 0
+    """One whole run: every section above, validated together."""
+
+    seed: int = Field(0, description="Seeds extraction contexts, sampling, training order and bootstraps.")
     model: ModelConfig = ModelConfig()
     persona: PersonaConfig = PersonaConfig()
     steer: SteerConfig = SteerConfig()
@@ -401,3 +427,38 @@ def config_to_yaml(config: Config) -> str:
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a crash never leaves half a file)."""
     atomic_write_text(Path(path), config_to_yaml(config))
+
+
+def config_markdown() -> str:
+    """docs/config.md: every section and field with its type, default and description, from the schema itself
+    (`python cli.py config --markdown > docs/config.md`; a test keeps the committed page current)."""
+    lines = ["# Config reference", "", "Generated from `interp_heal/config.py` by `python cli.py config --markdown`.",
+             "Override any key with `--set section.key=value` (values parsed as YAML).", ""]  # fmt: skip
+    top = [(name, field) for name, field in Config.model_fields.items() if not _is_section(field.annotation)]
+    lines += _field_table(top, "")
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if _is_section(section):
+            lines += [f"## `{name}`", "", (section.__doc__ or "").strip(), "", *_field_table(
+                list(section.model_fields.items()), f"{name}.")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _is_section(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+def _type_name(annotation: object) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(option) for option in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _field_table(fields: list[tuple[str, Any]], prefix: str) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in fields:
+        kind = _type_name(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        cells = [f"`{prefix}{name}`", kind, f"`{default}`", field.description or ""]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return [*rows, ""]
