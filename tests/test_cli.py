@@ -34,7 +34,7 @@ def test_user_error_is_one_line_without_traceback():
         [sys.executable, "cli.py", "config", "--set", "heal.agg=median"], capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("error: invalid config") and "heal.agg" in result.stderr
+    assert result.stderr.startswith("error: --set heal.agg=median: heal.agg:") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
     debug = subprocess.run(
         [sys.executable, "cli.py", "--debug", "config", "--set", "heal.agg=median"], capture_output=True, text=True
