@@ -8,7 +8,6 @@ otherwise they are computed from the config (vector extracted, steered at `--coe
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import plotly.graph_objects as go
 from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import evaluate
-from interp_heal.io import write_json
+from interp_heal.io import read_json, write_json
+from interp_heal.loop import read_run
 from interp_heal.mfv import FOUNDATIONS, Steering
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import readout_items
@@ -30,6 +30,7 @@ STATES = ("base", "steered", "prompt")
 
 
 def evaluations_from_run(run: Path, round_index: int = 0) -> dict[str, dict]:
+    read_run(run)  # checks the files below against their recorded sha256
     paths = {
         "base": run / "eval_base.json",
         "steered": run / f"round_{round_index:02d}" / "eval_steered.json",
@@ -38,7 +39,7 @@ def evaluations_from_run(run: Path, round_index: int = 0) -> dict[str, dict]:
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         raise DataError(f"{run} lacks the evaluations diag-axis reads: {missing}")
-    return {state: json.loads(path.read_text()) for state, path in paths.items()}
+    return {state: read_json(path, "evaluation") for state, path in paths.items()}
 
 
 def evaluations_from_config(config: Config, coeff: float) -> dict[str, dict]:

@@ -37,8 +37,8 @@ td.text { max-width: 480px; white-space: pre-wrap; }
 nav a { margin-right: 1em; }
 .note { color: #555; font-size: 14px; }
 """
-STAGE_HEADER = ["stage", "trait log-odds", "95% CI", "coherence", "neutral NLL", "neutral KL rmse", "care nats",
-                "auth nats", "kept", "kappa"]  # fmt: skip
+STAGE_HEADER = ["stage", "trait log-odds", "95% CI", "coherence", "neutral NLL", "neutral KL rmse", "adherence",
+                "adherence 95% CI", "care nats", "auth nats", "kept", "kappa"]  # fmt: skip
 ROUND_HEADER = ["round", "kappa", "trait steered", "trait healed", "coherence steered", "coherence healed",
                 "KL rmse steered", "KL rmse healed", "trait retained", "incoherence retained"]  # fmt: skip
 DIRECTION_HEADER = ["layer", "trait proj. steered", "trait proj. healed", "trait retained",
@@ -147,7 +147,8 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
     analysis = run / "analysis"
     stage_rows = [
         [row["stage"], row.get("trait_log_odds"), _ci(row),
-         row.get("loop_coherence"), row.get("neutral_nll"), row.get("neutral_kl_rmse"), row.get("care_nats"),
+         row.get("loop_coherence"), row.get("neutral_nll"), row.get("neutral_kl_rmse"), row.get("adherence"),
+         f"[{_cell(row.get('adherence_ci_low'))}, {_cell(row.get('adherence_ci_high'))}]", row.get("care_nats"),
          row.get("auth_nats"), row.get("kept"), row.get("kappa")]
         for row in rows
     ]  # fmt: skip
@@ -226,6 +227,8 @@ def round_page(run: Path, config: Config, r: int, rounds: list[int], static: boo
     readouts = [
         ["trait log-odds", steered_eval.get("trait", {}).get("log_odds"), healed_eval.get("trait", {}).get("log_odds")],
         ["neutral NLL", steered_eval.get("neutral_nll"), healed_eval.get("neutral_nll")],
+        *[[label, (steered_eval.get("adherence") or {}).get(key), (healed_eval.get("adherence") or {}).get(key)]
+          for label, key in (("task adherence (PMI, nats/token)", "pmi"), ("base NLL of own replies", "nll"))],
         *[[f"neutral KL {agg}", steered_eval.get(f"neutral_kl_{agg}"), healed_eval.get(f"neutral_kl_{agg}")]
           for agg in ("mean", "rmse", "p95", "max")],
         *[[f"KL to base on kept completions, {agg}", diffs["kl_steered"][agg], diffs["kl_healed"][agg]]

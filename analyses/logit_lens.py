@@ -19,9 +19,9 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from interp_heal.config import load_config
 from interp_heal.errors import DataError
 from interp_heal.io import write_json
+from interp_heal.loop import read_run
 from interp_heal.models import final_norm, load_configured_model, unwrap_peft
 from interp_heal.report import save_figure
 from interp_heal.steer import SteeringVector
@@ -96,7 +96,7 @@ def round_vectors(run: Path) -> list[tuple[int, SteeringVector]]:
 
 
 def run_logit_lens(run: Path, out: Path | None = None, top_k: int = 10) -> dict[str, object]:
-    config = load_config(run / "config.yaml")
+    config = read_run(run)
     out = out or run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _ = load_configured_model(config.model)

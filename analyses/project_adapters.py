@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
-from interp_heal.config import load_config
 from interp_heal.io import write_json
+from interp_heal.loop import read_run
 from interp_heal.models import decoder_layers, load_configured_model
 from interp_heal.personas import context_prompts, render_prompts
 from interp_heal.report import save_figure
@@ -113,7 +113,7 @@ class Projection:
 
 
 def project_adapters(run: Path, n_prompts: int = 32) -> Projection:
-    config = load_config(run / "config.yaml")
+    config = read_run(run)
     rounds = finished_rounds(run)
     model, tokenizer, info = load_configured_model(config.model)
     student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in rounds])

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 
 from interp_heal.errors import DataError
+from interp_heal.io import read_json
 from interp_heal.models import is_peft_model
 
 
@@ -40,14 +42,41 @@ def bake(base_model: nn.Module, adapter_dirs: list[Path], fuse: bool = False) ->
     if not adapter_dirs:
         return base_model
     for directory in adapter_dirs:
-        if not (Path(directory) / "adapter_config.json").is_file():
-            raise DataError(f"not a peft adapter folder (no adapter_config.json): {directory}")
+        check_adapter_folder(Path(directory))
     names = [adapter_name(i) for i in range(len(adapter_dirs))]
-    student = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0], is_trainable=False)
+    with _applying(adapter_dirs[0]):
+        student = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0], is_trainable=False)
     for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
-        student.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+        with _applying(directory):
+            student.load_adapter(str(directory), adapter_name=name, is_trainable=False)
     activate(student, names, trainable=None)
     return fuse_adapters(student) if fuse else student.eval()
+
+
+def check_adapter_folder(directory: Path) -> None:
+    """A peft adapter folder: a readable adapter_config.json and a weights file."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: adapter folder not found (check the path)")
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        raise DataError(f"{directory}: not a peft adapter folder (no adapter_config.json)")
+    read_json(config, "adapter config")
+    if not any((directory / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise DataError(f"{directory}: the adapter's weights are missing (no adapter_model.safetensors)")
+
+
+# What peft raises for an adapter it cannot apply: weights shaped for another model (RuntimeError), modules this
+# model lacks (ValueError), a damaged weights file (SafetensorError, OSError).
+ADAPTER_ERRORS = (RuntimeError, ValueError, OSError, SafetensorError)
+
+
+@contextmanager
+def _applying(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    except ADAPTER_ERRORS as err:
+        reason = " ".join(str(err).split())[:240]
+        raise DataError(f"{directory}: cannot apply this adapter ({reason}) (was it trained on this model?)") from err
 
 
 def fuse_adapters(student: PeftModel) -> PeftModel:

@@ -4,25 +4,29 @@ calls round after round."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from loguru import logger
 
+from interp_heal.adherence import task_adherence
+from interp_heal.axis_check import AxisCheck, check_axis
 from interp_heal.bake import bake
 from interp_heal.config import Config, PersonaConfig, save_config
 from interp_heal.errors import DataError
-from interp_heal.evaluate import evaluate, write_eval
+from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
 from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, heal
+from interp_heal.io import check_writable, read_json, write_json
 from interp_heal.mfv import Steering
-from interp_heal.models import load_model
+from interp_heal.models import load_configured_model
+from interp_heal.pair_drafting import DraftedItem, default_scenarios, draft_pairs, write_draft
+from interp_heal.paired_items import readout_items
 from interp_heal.parallel import data_parallel
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
-from interp_heal.steer import SteeringVector, extract_steering_vector
+from interp_heal.steer import SteeringVector, check_fits, extract_steering_vector
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,11 @@ class SteerResult:
 
 def _load_and_extract(config: Config, out: Path):
     pair = persona_pair(config.persona)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, config.output.min_free_mb)
     save_config(config, out / "config.yaml")
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
-    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
+    model, tokenizer, info = load_configured_model(config.model)
     logger.info(f"model {info.name}: {info.n_layers} layers, d={info.d_model}, {info.dtype} on {info.device}")
     contexts = context_prompts(config.steer.n_contexts, seed=config.seed)
     vector = extract_steering_vector(
@@ -74,7 +78,10 @@ def kept_completions(collect_dir: Path) -> list[Completion]:
     summary_path, rows_path = collect_dir / "summary.json", collect_dir / "completions.jsonl"
     if not summary_path.is_file() or not rows_path.is_file():
         raise DataError(f"{collect_dir} is not a collect folder (needs summary.json and completions.jsonl)")
-    return read_kept_completions(rows_path, json.loads(summary_path.read_text())["kappa"])
+    summary = read_json(summary_path, "collect summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("kappa"), int | float):
+        raise DataError(f"{summary_path}: no number 'kappa' (the dose of the kept completions); rerun collect")
+    return read_kept_completions(rows_path, summary["kappa"])
 
 
 def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0) -> HealResult:
@@ -85,11 +92,11 @@ def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0)
             f"{collect_dir} holds {len(completions)} kept completions, fewer than min_train={config.filter.min_train}",
             None,
         )
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, config.output.min_free_mb)
     save_config(config, out / "config.yaml")
     parallel = data_parallel()  # several processes only under `accelerate launch` / `torchrun`
     device = parallel.device or config.model.device
-    model, tokenizer, _ = load_model(config.model.spec, dtype=config.model.dtype, device=device)
+    model, tokenizer, _ = load_configured_model(config.model, device)
     return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed, parallel=parallel)
 
 
@@ -103,14 +110,25 @@ def run_eval(
     persona_side: str = "pos",
 ) -> dict[str, object]:
     """Evaluate base / baked student / steered / persona-prompted; write OUT.json and OUT.rows.jsonl."""
-    model, tokenizer, info = load_model(config.model.spec, dtype=config.model.dtype, device=config.model.device)
-    model = bake(model, list(adapters or []))
-    steering = Steering(SteeringVector.load(vector_path), coeff) if vector_path is not None else Steering()
+    # Every input is read before the model loads: a typo costs a second, not an evaluation.
+    readout = readout_items(config.persona)
     persona = None
     if persona_axis is not None:
         pair = persona_pair(PersonaConfig(axis=persona_axis))
         persona = pair.pos if persona_side == "pos" else pair.neg
-    result = evaluate(model, tokenizer, persona_pair(config.persona).axis, config.eval, steering, persona, config.seed)
+    check_eval_inputs(config.eval)
+    steering = Steering(SteeringVector.load(vector_path), coeff) if vector_path is not None else Steering()
+    check_writable(out.parent, config.output.min_free_mb)
+    model, tokenizer, info = load_configured_model(config.model)
+    model = bake(model, list(adapters or []))
+    if steering.vector is not None:
+        try:
+            check_fits(steering.vector, model)
+        except DataError as err:
+            raise DataError(f"{vector_path}: {err}") from None
+    result = evaluate(model, tokenizer, readout, config.eval, steering, persona, config.seed)
+    if config.eval.adherence:
+        result["adherence"] = task_adherence(model, tokenizer, config, steering, persona)
     result["mode"] = {
         "model": info.name,
         "adapters": [str(a) for a in adapters or []],
@@ -147,3 +165,39 @@ def run_collect(config: Config, out: Path) -> Collection:
         raise
     collection.write(out / "completions.jsonl", out / "summary.json")
     return collection
+
+
+def run_check_axis(config: Config, out: Path) -> AxisCheck:
+    """check-axis on the config's base model: the verdict, written to OUT (JSON)."""
+    pair, readout = persona_pair(config.persona), readout_items(config.persona)
+    check_writable(out.parent, config.output.min_free_mb)
+    model, tokenizer, info = load_configured_model(config.model)
+    check = check_axis(model, tokenizer, pair, readout, config, info.name)
+    write_json(out, check.as_dict())
+    return check
+
+
+def read_scenarios(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"scenarios file not found: {path} (one scenario a line)")
+    scenarios = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not scenarios:
+        raise DataError(f"{path}: no scenarios (one scenario a line)")
+    return scenarios
+
+
+def run_pairs(
+    config: Config, out: Path, scenarios_path: Path | None, n: int | None, n_samples: int
+) -> tuple[list[DraftedItem], list[str], Path]:
+    """Draft paired items for the config's persona pair; (items, skipped scenarios, preview path)."""
+    pair = persona_pair(config.persona)
+    scenarios = read_scenarios(scenarios_path) if scenarios_path is not None else default_scenarios()
+    scenarios = scenarios[:n] if n is not None else scenarios
+    check_writable(out.parent, config.output.min_free_mb)
+    model, tokenizer, _ = load_configured_model(config.model)
+    drafted, skipped = draft_pairs(
+        model, tokenizer, pair, scenarios, config.generate, config.filter, n_samples, config.seed
+    )
+    if not drafted:
+        raise DataError(f"no scenario kept a reply on both sides ({len(skipped)} skipped): loosen the filter")
+    return drafted, skipped, write_draft(out, pair, drafted, skipped)

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.chat import is_plain, render_chat
 from interp_heal.errors import ConfigError, DataError
+from interp_heal.io import read_text
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import pad_left, position_ids_from_mask
 from interp_heal.steer import SteeringVector, steered_generate, steered_logits
@@ -128,9 +129,11 @@ def load_vignettes(data_dir: Path, set_name: str = "classic", condition: str = "
         available = sorted(p.name for p in data_dir.glob("vignettes_*.jsonl"))
         raise DataError(f"no vignette file {path.name} in {data_dir}; available: {available}")
     rows = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_number, line in enumerate(read_text(path, "vignette file").splitlines(), start=1):
         if line.strip():
-            rows.append(_parse_row(line, f"{path.name} line {line_number}"))
+            rows.append(_parse_row(line, f"{path} line {line_number}"))
+    if not rows:
+        raise DataError(f"{path}: no vignettes (one JSON object a line; restore the file or pick another --set)")
     return rows
 
 
@@ -139,6 +142,8 @@ def _parse_row(line: str, where: str) -> Vignette:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object (one vignette a line), got {type(row).__name__}")
     for field in ("id", "foundation_coarse", "text"):
         if not isinstance(row.get(field), str) or not row[field].strip():
             raise DataError(f"{where} (id {row.get('id')!r}): field {field!r} must be a non-empty string")

@@ -42,7 +42,7 @@ from transformers import (
 from interp_heal.chat import ChatFormat, use_chat_format
 from interp_heal.config import ModelConfig
 from interp_heal.errors import ConfigError, ModelSpecError
-from interp_heal.io import atomic_write_text
+from interp_heal.io import atomic_write_text, read_json
 
 CACHE_ENV = "INTERP_HEAL_CACHE"
 CACHE_MARKER = "interp_heal_cache.json"
@@ -254,7 +254,10 @@ def ensure_embedded_cache(name: str) -> Path:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"model.device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -301,6 +304,11 @@ def _hub_kwargs(source: Path | str) -> dict[str, bool]:
 def _unknown_spec_error(spec: str, cause: Exception) -> ModelSpecError:
     embedded = ", ".join(EMBEDDED_MODELS)
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if Path(spec).expanduser().is_dir():
+        return ModelSpecError(
+            f"{spec}: not a loadable model folder ({reason}) (a local model is a Hugging Face folder: "
+            "config.json, weights and tokenizer files)"
+        )
     if not hub_reachable():
         reason = f"the hub is unreachable from here; {reason}"
     return ModelSpecError(
@@ -313,7 +321,7 @@ def load_tokenizer(spec: str = "smollm2-135m", chat_format: ChatFormat = "auto")
     source = resolve_source(TINY_RANDOM_TOKENIZER if spec == TINY_RANDOM else spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(source))
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _unknown_spec_error(spec, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -339,7 +347,7 @@ def load_model(
     source = resolve_source(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_hub_kwargs(source))
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _unknown_spec_error(spec, err) from err
     tokenizer = load_tokenizer(spec, chat_format)
     model.to(torch_device).eval()
@@ -367,12 +375,17 @@ def model_shape(spec: str, config_file: str | Path | None = None) -> ModelShape:
     if spec == TINY_RANDOM:
         config = build_tiny_llama(32).config
     elif config_file is not None:
-        config = AutoConfig.from_pretrained(str(config_file))
+        path = Path(config_file)
+        read_json(path, "model config.json")  # a syntax error is named with its line
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ModelSpecError(f"{path}: not a model config.json ({str(err).strip().splitlines()[0]})") from None
     else:
         source = resolve_source(spec)
         try:
             config = AutoConfig.from_pretrained(source, **_hub_kwargs(source))
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise _unknown_spec_error(spec, err) from err
     text = config.get_text_config()
     architecture = (config.architectures or [type(config).__name__])[0]
