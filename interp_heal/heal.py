@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from interp_heal.bake import activate, adapter_name, adapter_names, muted_adapte
 from interp_heal.config import HealConfig
 from interp_heal.errors import InterpHealError
 from interp_heal.generate import Completion
-from interp_heal.models import band_to_layers, decoder_layers, is_peft_model
+from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, is_peft_model, unwrap_peft
 from interp_heal.parallel import DataParallel, share_of_step
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import (
@@ -146,6 +147,16 @@ class ReferenceCache:
 # ---------------------------------------------------------------- model
 
 
+def lora_target_pattern(model: nn.Module, config: HealConfig) -> str:
+    """The modules LoRA adapts, as the full-name regex peft matches: `target_modules` of the heal band's blocks
+    under the decoder's own layer list. Module names plus `layers_to_transform` would also match other stacks
+    named "layers.N" (the vision tower of Gemma3ForConditionalGeneration has q/k/v_proj there too)."""
+    layer_path = decoder_layer_path(unwrap_peft(model)[0])
+    layers = "|".join(str(layer) for layer in band_to_layers(config.band, len(decoder_layers(model))))
+    modules = "|".join(re.escape(module) for module in config.target_modules)
+    return rf"{re.escape(layer_path)}\.({layers})\.(.*\.)?({modules})"
+
+
 def add_fresh_adapter(student: nn.Module, config: HealConfig, round_index: int) -> PeftModel:
     """A new zero-initialised (B = 0) LoRA named after the round, trainable, on top of the frozen earlier ones."""
     name = adapter_name(round_index)
@@ -153,8 +164,7 @@ def add_fresh_adapter(student: nn.Module, config: HealConfig, round_index: int) 
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-        layers_to_transform=band_to_layers(config.band, len(decoder_layers(student))),
+        target_modules=lora_target_pattern(student, config),
         init_lora_weights=True,
         bias="none",
     )
