@@ -13,7 +13,7 @@ from analyses.logit_lens import bridge_readout, hf_readout, run_logit_lens, vect
 from analyses.project_adapters import adapter_file_projection, held_out_contexts, project_adapters, write_alignment
 from cli import app
 from interp_heal.bake import bake, finished_rounds
-from interp_heal.config import load_config
+from interp_heal.config import load_config, save_config
 from interp_heal.errors import DataError
 from interp_heal.models import load_model
 from interp_heal.personas import context_prompts
@@ -34,6 +34,9 @@ def test_diag_axis_reads_a_run(smoke_run, tmp_path):
 
 
 def test_diag_axis_on_an_incomplete_run_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"not a run folder, no config\.yaml"):
+        evaluations_from_run(tmp_path)
+    save_config(load_config("configs/smoke.yaml"), tmp_path / "config.yaml")
     with pytest.raises(DataError, match="lacks the evaluations diag-axis reads"):
         evaluations_from_run(tmp_path)
 
