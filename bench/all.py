@@ -22,6 +22,8 @@ BENCHMARKS = {
     "ceiling_bf16": ["ceiling", "--dtype", "bfloat16", "--repeats", "5"],
     "steer_generate": ["steer_generate"],
     "heal_step": ["heal_step"],
+    "heal_memory_smollm2-135m": ["heal_memory", "--model", "smollm2-135m"],
+    "heal_memory_gemma3-270m": ["heal_memory", "--model", "gemma3-270m"],
     "eval_rows": ["eval_rows"],
     "demo_round": ["demo_round"],
     "demo_round_bf16": ["demo_round", "--set", "model.dtype=bfloat16", "--out", "reports/bench_demo_round_bf16.md"],
