@@ -28,7 +28,9 @@ def test_report_pages_are_self_contained(interactive_report):
     round_page = (interactive_report.parent / "round_01.html").read_text()
     for heading in ("Data: dose and filter", "Model diffs", "Logit lens of v_r", "Greedy generations"):
         assert heading in round_page
-    assert 'href="round_00.html"' in (interactive_report.parent / "index.html").read_text()
+    index = (interactive_report.parent / "index.html").read_text()
+    assert 'href="round_00.html"' in index
+    assert "task adherence (PMI, nats/token)" in round_page and "adherence 95% CI" in index
 
 
 @needs_chromium
