@@ -15,7 +15,7 @@ from interp_heal.evaluate import neutral_answers
 from interp_heal.filter import filter_completions, other_prompts, prompt_pmi, summarise
 from interp_heal.generate import Completion
 from interp_heal.loop import loop_coherence
-from interp_heal.models import build_tiny_llama, decoder_layers
+from interp_heal.models import build_tiny_llama, decoder_layers, load_model
 from interp_heal.paired_items import builtin_axes, builtin_items, normalise_prompt
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.sequences import continuation_logprobs, pad_left
@@ -173,3 +173,17 @@ def test_every_stage_of_a_run_reports_adherence(smoke_run):
     assert block["n_replies"] == 12 and len(block["replies"]) == 12
     summary = (smoke_run / "summary.md").read_text()
     assert "Q4: does the student still answer the question?" in summary and "adherence [95% CI]" in summary
+
+
+@pytest.mark.slow
+def test_smollm2_replies_carry_their_prompt_and_copied_ones_do_not():
+    model, tokenizer, _ = load_model("smollm2-135m")
+    overrides = ["model.spec=smollm2-135m", "eval.adherence_prompts=12", "eval.adherence_samples=1",
+                 "generate.max_new_tokens=32", "generate.batch_size=12"]  # fmt: skip
+    own = task_adherence(model, tokenizer, load_config("configs/smoke.yaml", overrides))
+    assert own["ci95"][0] > 0, own["ci95"]
+    # The same replies, each moved to the next prompt: now they answer a question they were not asked.
+    prompts = [reply["prompt"] for reply in own["replies"]]
+    moved = [_completion(tokenizer, prompts[i - 1], reply["reply"]) for i, reply in enumerate(own["replies"])]
+    copied = score_adherence(model, tokenizer, moved, n_bootstrap=500, batch_size=12, seed=0)
+    assert copied["pmi"] < own["ci95"][0], (copied["pmi"], own["ci95"])
