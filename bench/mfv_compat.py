@@ -90,6 +90,7 @@ def compare(run: dict, base: dict) -> dict[str, object]:
 
 def table(model_spec: str) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{model_spec}_think*_*.json"))]
+    runs = [r for r in runs if "variant" in r]  # not the naturals counts
     base = {r["think_tokens"]: r for r in runs if r["variant"] == "none"}
     order = list(VARIANTS)
     runs = [r for r in runs if r["think_tokens"] in base]
