@@ -29,7 +29,7 @@ from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import format_projection, run_project_adapters
 from interp_heal.axis_check import format_axis_check
-from interp_heal.config import Config, config_to_yaml, load_config
+from interp_heal.config import Config, config_markdown, config_to_yaml, load_config
 from interp_heal.errors import ConfigError, InterpHealError
 from interp_heal.io import os_error_hint
 from interp_heal.jobs import run_check_axis, run_collect, run_eval, run_heal, run_pairs, run_steer
@@ -131,8 +131,15 @@ def models(load: bool = typer.Option(False, "--load", help="Load each model once
 
 
 @app.command("config")
-def show_config(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
-    """Print the resolved config (preset + overrides + defaults) as YAML."""
+def show_config(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference of every key (docs/config.md)."),
+) -> None:
+    """Print the resolved config (preset + overrides + defaults) as YAML, or the reference of every key."""
+    if markdown:
+        typer.echo(config_markdown())
+        return
     typer.echo(config_to_yaml(_resolve(config, overrides)), nl=False)
 
 

@@ -192,14 +192,15 @@ def generate_completions(
     config: GenerateConfig,
     seed: int,
     generated_only: bool = False,
+    persona: str | None = None,
 ) -> list[Completion]:
-    """Sample every prompt at every coefficient. Rows are (prompt, coefficient) pairs sorted by prompt length
-    (less padding) and batched together, doses mixed within a batch (each row carries its own coefficient); the
-    prompts' shared prefix runs once per coefficient (`prompt_batch`).
+    """Sample every prompt at every coefficient (with `persona` in the chat when given). Rows are (prompt,
+    coefficient) pairs sorted by prompt length (less padding) and batched together, doses mixed within a batch
+    (each row carries its own coefficient); the prompts' shared prefix runs once per coefficient (`prompt_batch`).
 
     Each batch is seeded with `seed + batch index`, so a rerun with the same inputs is identical.
     """
-    token_rows = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    token_rows = tokenizer(render_prompts(tokenizer, prompts, persona), add_special_tokens=False)["input_ids"]
     pairs = ((i, c) for c in range(len(coeffs)) for i in range(len(prompts)))
     rows = sorted(pairs, key=lambda row: len(token_rows[row[0]]))
     eos_ids = _eos_ids(tokenizer, model)
@@ -218,10 +219,10 @@ def generate_completions(
         new_tokens = sequences[:, prompt.input_ids.shape[1] :].tolist()
         for (index, coeff_index), new_ids in zip(batch, new_tokens, strict=True):
             token_ids, finish_reason = split_completion(new_ids, eos_ids)
-            text = tokenizer.decode(token_ids, skip_special_tokens=True)
             turn = turn_end(tokenizer, token_ids)
             if turn is not None:  # a base model writing the next user turn itself: its answer ended there
                 token_ids, finish_reason = token_ids[:turn], "eos"
+            text = tokenizer.decode(token_ids, skip_special_tokens=True)
             record = Completion(prompts[index], text, coeffs[coeff_index], token_ids, finish_reason, batch_seed)
             keyed.append((coeff_index, index, record))
     return [record for _, _, record in sorted(keyed, key=lambda item: item[:2])]
