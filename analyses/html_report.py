@@ -38,7 +38,8 @@ nav a { margin-right: 1em; }
 .note { color: #555; font-size: 14px; }
 """
 STAGE_HEADER = ["stage", "trait log-odds", "95% CI", "coherence", "neutral NLL", "neutral KL rmse", "adherence",
-                "adherence 95% CI", "care nats", "auth nats", "kept", "kappa"]  # fmt: skip
+                "adherence 95% CI", "own replies kept", "own replies tail ppl", "care nats", "auth nats", "kept",
+                "kappa"]  # fmt: skip
 ROUND_HEADER = ["round", "kappa", "trait steered", "trait healed", "coherence steered", "coherence healed",
                 "KL rmse steered", "KL rmse healed", "trait retained", "incoherence retained"]  # fmt: skip
 DIRECTION_HEADER = ["layer", "trait proj. steered", "trait proj. healed", "trait retained",
@@ -148,7 +149,8 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
     stage_rows = [
         [row["stage"], row.get("trait_log_odds"), _ci(row),
          row.get("loop_coherence"), row.get("neutral_nll"), row.get("neutral_kl_rmse"), row.get("adherence"),
-         f"[{_cell(row.get('adherence_ci_low'))}, {_cell(row.get('adherence_ci_high'))}]", row.get("care_nats"),
+         f"[{_cell(row.get('adherence_ci_low'))}, {_cell(row.get('adherence_ci_high'))}]",
+         row.get("generation_keep_rate"), row.get("generation_tail_ppl"), row.get("care_nats"),
          row.get("auth_nats"), row.get("kept"), row.get("kappa")]
         for row in rows
     ]  # fmt: skip
@@ -229,6 +231,10 @@ def round_page(run: Path, config: Config, r: int, rounds: list[int], static: boo
         ["neutral NLL", steered_eval.get("neutral_nll"), healed_eval.get("neutral_nll")],
         *[[label, (steered_eval.get("adherence") or {}).get(key), (healed_eval.get("adherence") or {}).get(key)]
           for label, key in (("task adherence (PMI, nats/token)", "pmi"), ("base NLL of own replies", "nll"))],
+        *[[f"own replies: {label}", (steered_eval.get("generation") or {}).get(key),
+           (healed_eval.get("generation") or {}).get(key)]
+          for label, key in (("filter keep-rate", "keep_rate"), ("tail perplexity", "tail_ppl"),
+                             ("repetition", "repetition"))],
         *[[f"neutral KL {agg}", steered_eval.get(f"neutral_kl_{agg}"), healed_eval.get(f"neutral_kl_{agg}")]
           for agg in ("mean", "rmse", "p95", "max")],
         *[[f"KL to base on kept completions, {agg}", diffs["kl_steered"][agg], diffs["kl_healed"][agg]]

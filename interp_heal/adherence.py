@@ -75,12 +75,15 @@ def score_adherence(
     n_bootstrap: int,
     batch_size: int,
     seed: int,
+    own_nlls: list[torch.Tensor] | None = None,
 ) -> dict[str, object]:
     """The readout from sampled replies: mean PMI over prompts (each the mean of its replies) with a bootstrap
     CI over prompts, the base NLL of the replies, and every reply with its own values. A reply without tokens
-    has no PMI; it is counted (`n_empty`) and left out."""
+    has no PMI; it is counted (`n_empty`) and left out. `own_nlls`: the replies' base NLLs, when already
+    computed."""
     others = other_prompts([reply.prompt for reply in replies], seed)
-    own_nlls = base_token_nlls(model, tokenizer, replies, batch_size)
+    if own_nlls is None:
+        own_nlls = base_token_nlls(model, tokenizer, replies, batch_size)
     pmis = prompt_pmi(model, tokenizer, replies, others, own_nlls, batch_size)
     nlls = [float(nll.mean()) if nll.numel() else math.nan for nll in own_nlls]
     by_prompt: dict[str, list[float]] = {}
@@ -105,22 +108,41 @@ def score_adherence(
     }
 
 
+def held_out_replies(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: Config,
+    steering: Steering | None = None,
+    persona: str | None = None,
+) -> list[Completion]:
+    """The state's own replies to the held-out prompts (`eval.adherence_prompts`, `eval.adherence_samples`)."""
+    prompts = list(adherence_prompts()[: config.eval.adherence_prompts])
+    return sample_replies(
+        model, tokenizer, prompts, config.eval.adherence_samples, config.generate, config.seed, steering, persona,
+        config.steer.generated_only,
+    )  # fmt: skip
+
+
 def task_adherence(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     config: Config,
     steering: Steering | None = None,
     persona: str | None = None,
+    replies: list[Completion] | None = None,
+    own_nlls: list[torch.Tensor] | None = None,
 ) -> dict[str, object]:
-    """The adherence block of an eval JSON for one model state (see the module docstring)."""
-    prompts = list(adherence_prompts()[: config.eval.adherence_prompts])
-    replies = sample_replies(
-        model, tokenizer, prompts, config.eval.adherence_samples, config.generate, config.seed, steering, persona,
-        config.steer.generated_only,
-    )  # fmt: skip
-    result = score_adherence(model, tokenizer, replies, config.eval.n_bootstrap, config.eval.batch_size, config.seed)
+    """The adherence block of an eval JSON for one model state (see the module docstring); `replies` (from
+    `held_out_replies`) and their base NLLs when another readout already has them."""
+    if replies is None:
+        replies = held_out_replies(model, tokenizer, config, steering, persona)
+    eval_config = config.eval
+    result = score_adherence(
+        model, tokenizer, replies, eval_config.n_bootstrap, eval_config.batch_size, config.seed, own_nlls
+    )
+    prompts = list(adherence_prompts()[: eval_config.adherence_prompts])
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    return {**result, "n_samples": config.eval.adherence_samples, "prompts_sha256": digest, "seed": config.seed}
+    return {**result, "n_samples": eval_config.adherence_samples, "prompts_sha256": digest, "seed": config.seed}
 
 
 def adherence_ratio(result: dict, base: dict) -> float:

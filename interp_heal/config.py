@@ -213,7 +213,9 @@ class EvalConfig(Section):
     mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
     adherence: bool = Field(
-        True, description="Task adherence readout: sample replies to held-out prompts, base-scored PMI with them."
+        True,
+        description="Sample own replies to held-out prompts: task adherence (base-scored PMI with them) and "
+        "generation coherence (their base NLL, tail ppl, repetition, filter keep-rate).",
     )
     adherence_samples: int = Field(2, ge=1, description="Replies sampled per held-out prompt for adherence.")
     adherence_prompts: int | None = Field(

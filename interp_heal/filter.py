@@ -220,11 +220,14 @@ def score_completions(
     config: FilterConfig,
     batch_size: int = 16,
     seed: int = 0,
+    own_nlls: list[torch.Tensor] | None = None,
 ) -> list[CompletionScores]:
     """Every score of each completion; the off-prompt PMI only when `config.min_adherence` is set (its "other
-    prompt" is another prompt of the same completions, a seeded derangement)."""
+    prompt" is another prompt of the same completions, a seeded derangement). `own_nlls`: the completions'
+    base NLLs after their own prompts, when already computed."""
     narration_phrases = config.narration_phrases.get(pair.axis, [])
-    own_nlls = base_token_nlls(model, tokenizer, completions, batch_size)
+    if own_nlls is None:
+        own_nlls = base_token_nlls(model, tokenizer, completions, batch_size)
     adherence: list[float | None] = [None] * len(completions)
     if config.min_adherence is not None:
         others = other_prompts([c.prompt for c in completions], seed)

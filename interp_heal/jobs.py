@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from interp_heal.adherence import task_adherence
 from interp_heal.axis_check import AxisCheck, check_axis
 from interp_heal.bake import bake
 from interp_heal.config import Config, PersonaConfig, save_config
@@ -22,6 +21,7 @@ from interp_heal.heal import HealResult, heal
 from interp_heal.io import check_writable, read_json, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
+from interp_heal.own_replies import own_reply_readouts
 from interp_heal.pair_drafting import DraftedItem, default_scenarios, draft_pairs, write_draft
 from interp_heal.paired_items import readout_items
 from interp_heal.parallel import data_parallel
@@ -127,8 +127,8 @@ def run_eval(
         except DataError as err:
             raise DataError(f"{vector_path}: {err}") from None
     result = evaluate(model, tokenizer, readout, config.eval, steering, persona, config.seed)
-    if config.eval.adherence:
-        result["adherence"] = task_adherence(model, tokenizer, config, steering, persona)
+    if config.eval.adherence:  # the state's own replies: task adherence and generation coherence
+        result |= own_reply_readouts(model, tokenizer, config, persona_pair(config.persona), steering, persona)
     result["mode"] = {
         "model": info.name,
         "adapters": [str(a) for a in adapters or []],

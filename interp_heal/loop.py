@@ -29,7 +29,7 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from interp_heal.adherence import adherence_ratio, task_adherence
+from interp_heal.adherence import adherence_ratio
 from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
 from interp_heal.config import Config, config_to_yaml, load_config, save_config
@@ -48,6 +48,7 @@ from interp_heal.heal import heal
 from interp_heal.io import check_writable, read_json, sha256_file, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
+from interp_heal.own_replies import own_reply_readouts
 from interp_heal.paired_items import ReadoutItems, overlapping_ids, readout_items
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
 from interp_heal.provenance import provenance
@@ -305,7 +306,7 @@ def _eval(
 ) -> None:
     result = evaluate(model, ctx.tokenizer, ctx.readout, ctx.config.eval, steering, persona, ctx.config.seed)
     if ctx.config.eval.adherence:  # sampled, so it needs the generation settings evaluate() does not take
-        result["adherence"] = task_adherence(model, ctx.tokenizer, ctx.config, steering, persona)
+        result |= own_reply_readouts(model, ctx.tokenizer, ctx.config, ctx.pair, steering, persona)
     write_eval(result, path)
 
 

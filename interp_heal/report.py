@@ -20,12 +20,14 @@ from interp_heal.config import Config
 from interp_heal.evaluate import neutral_fluency
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
+from interp_heal.own_replies import GENERATION_COLUMNS, generation_columns
 from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
     "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
     "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "adherence", "adherence_ci_low",
-    "adherence_ci_high", "adherence_nll", "care_nats", "auth_nats", *[f"nats_{f}" for f in FOUNDATIONS],
+    "adherence_ci_high", "adherence_nll", *GENERATION_COLUMNS, "care_nats", "auth_nats",
+    *[f"nats_{f}" for f in FOUNDATIONS],
     "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
     "vector_cos_r0", "vector_norm",
@@ -59,6 +61,7 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
         "top1_acc": result.get("top1_acc"),
         **{f"nats_{f}": result.get("nats", {}).get(f) for f in FOUNDATIONS},
         **adherence_columns(result),
+        **generation_columns(result),
     }
     if config.loop.coherence == "mfv":
         row["loop_coherence"] = result.get("coherence")
@@ -129,14 +132,14 @@ def _value(row: dict, key: str) -> float:
 
 def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figure:
     """Trait per stage (prompt baseline as a line), log(1 - coherence) with the floor, care-vs-authority map,
-    task adherence (prompt baseline as a line)."""
+    task adherence (prompt baseline as a line), generation coherence (the filter's keep-rate of own replies)."""
     path = [r for r in rows if r["stage"] != "prompt-baseline"]
     prompt = next((r for r in rows if r["stage"] == "prompt-baseline"), None)
     labels = [str(r["stage"]) for r in path]
     figure = make_subplots(
-        rows=1, cols=4, column_widths=[0.31, 0.23, 0.23, 0.23],
+        rows=1, cols=5, column_widths=[0.24, 0.19, 0.19, 0.19, 0.19],
         subplot_titles=("trait log-odds (nats/token)", "log(1 - coherence)", "care vs authority (MFV nats)",
-                        "task adherence (PMI, nats/token)"),
+                        "task adherence (PMI, nats/token)", "own replies the filter keeps"),
     )  # fmt: skip
     trait = [_value(r, "trait_log_odds") for r in path]
     error_plus = [_value(r, "trait_ci_high") - t for r, t in zip(path, trait, strict=True)]
@@ -174,7 +177,8 @@ def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figur
     figure.update_xaxes(title_text="care_nats", row=1, col=3)
     figure.update_yaxes(title_text="auth_nats", row=1, col=3)
     _adherence_panel(figure, path, prompt, colors, col=4)
-    figure.update_layout(width=1900, height=480, showlegend=False, title=f"{config.output.name}: steer, heal, repeat")
+    _generation_panel(figure, path, prompt, colors, col=5)
+    figure.update_layout(width=2300, height=480, showlegend=False, title=f"{config.output.name}: steer, heal, repeat")
     return figure
 
 
@@ -189,6 +193,17 @@ def _adherence_panel(figure: go.Figure, path: list[dict], prompt: dict | None, c
     )  # fmt: skip
     if prompt is not None and not math.isnan(_value(prompt, "adherence")):
         figure.add_hline(y=_value(prompt, "adherence"), line_dash="dash", line_color="#1f77b4",
+                         annotation_text="prompting baseline", row=1, col=col)  # fmt: skip
+
+
+def _generation_panel(figure: go.Figure, path: list[dict], prompt: dict | None, colors: list[str], col: int) -> None:
+    figure.add_trace(
+        go.Scatter(x=[str(r["stage"]) for r in path], y=[_value(r, "generation_keep_rate") for r in path],
+                   mode="lines+markers", name="generation keep-rate", marker={"color": colors, "size": 9}),
+        row=1, col=col,
+    )  # fmt: skip
+    if prompt is not None and not math.isnan(_value(prompt, "generation_keep_rate")):
+        figure.add_hline(y=_value(prompt, "generation_keep_rate"), line_dash="dash", line_color="#1f77b4",
                          annotation_text="prompting baseline", row=1, col=col)  # fmt: skip
 
 
@@ -215,17 +230,19 @@ def _fmt(value: object, digits: int = 3) -> str:
 def _stage_table(rows: list[dict[str, object]]) -> list[str]:
     lines = [
         "| stage | trait log-odds [95% CI] | coherence | neutral NLL | KL rmse to base | adherence [95% CI] "
-        "| care / auth nats |",
-        "|---|---|---|---|---|---|---|",
+        "| own replies: base NLL / tail ppl / kept | care / auth nats |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         trait = f"{_fmt(row.get('trait_log_odds'))} [{_fmt(row.get('trait_ci_low'))}, {_fmt(row.get('trait_ci_high'))}]"
         low, high = _fmt(row.get("adherence_ci_low")), _fmt(row.get("adherence_ci_high"))
         adherence = f"{_fmt(row.get('adherence'))} [{low}, {high}]"
         nats = f"{_fmt(row.get('care_nats'), 2)} / {_fmt(row.get('auth_nats'), 2)}"
+        own = (("nll", 3), ("tail_ppl", 1), ("keep_rate", 2))
+        generation = " / ".join(_fmt(row.get(f"generation_{key}"), digits) for key, digits in own)
         lines.append(
             f"| {row['stage']} | {trait} | {_fmt(row.get('loop_coherence'))} | {_fmt(row.get('neutral_nll'))} "
-            f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {adherence} | {nats} |"
+            f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {adherence} | {generation} | {nats} |"
         )
     return lines
 
