@@ -196,6 +196,14 @@ class HealConfig(Section):
     ref_cache_mb: int = Field(
         2048, ge=0, description="Memory for reference log-probs reused across epochs (0 = recompute every step)."
     )
+    target: Literal["tokens", "logits"] = Field(
+        "tokens",
+        description="What the student imitates. tokens: NLL of the teacher's sampled tokens. logits: cross-entropy "
+        "from the teacher's renormalised top-K distribution at every completion position (Prompt Baking's "
+        "objective); the teacher is the round's student steered at each completion's dose, or with the persona "
+        "(loop.source), its top-K stored once per round in teacher_topk.safetensors.",
+    )
+    teacher_topk: int = Field(20, ge=1, description="K of heal.target=logits: teacher tokens kept per position.")
 
     _band_ok = field_validator("band")(_check_band)
 

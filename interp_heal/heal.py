@@ -5,6 +5,8 @@
 over the completion tokens of a batch (prompt tokens masked), reverse KL (expectation under the student)
 over the full vocabulary, `agg` in mean / rmse / p95 / max, `ref` = the base model (every adapter off) or
 the previous student (this round's adapter muted), lam_eff = lam * (1 + round) ** lam_round_pow.
+With `target: logits` the NLL term becomes the cross-entropy from the teacher's renormalised top-K distribution
+at each completion position, -sum_k q_k log p_student(k) (interp_heal/teacher.py makes and stores the top-K).
 Why the aggregate matters: incoherence is spiky. A 4-token loop inside 60 fluent tokens barely lifts the
 mean KL, so a mean barrier never fires on it; the rmse (or p95, max) does.
 """
@@ -80,9 +82,27 @@ def barrier_weight(lam: float, round_index: int, power: float) -> float:
 
 
 @dataclass(frozen=True)
+class TeacherRows:
+    """The teacher's top-K at completion positions (one row per position): what `target: logits` imitates."""
+
+    token_ids: torch.Tensor  # [n, K] int32
+    log_probs: torch.Tensor  # [n, K] float32: full-vocabulary log-probs, renormalised over K where used
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def cat_teacher_rows(rows: list[TeacherRows], device: torch.device) -> TeacherRows:
+    return TeacherRows(
+        torch.cat([r.token_ids for r in rows]).to(device), torch.cat([r.log_probs for r in rows]).to(device)
+    )
+
+
+@dataclass(frozen=True)
 class TrainExample:
     prompt_ids: list[int]
     completion_ids: list[int]
+    teacher: TeacherRows | None = None  # with target: logits, one row per completion token
 
 
 def training_examples(
@@ -99,6 +119,21 @@ def training_examples(
     return examples
 
 
+def with_teacher(examples: list[TrainExample], teacher: list[TeacherRows] | None) -> list[TrainExample]:
+    """Each example with its completion's teacher rows; the counts must match token for token, since the rows are
+    aligned by completion position (the teacher may have read another prompt, e.g. with the persona)."""
+    if teacher is None:
+        raise HealError("heal.target=logits needs the teacher's top-K (interp_heal.teacher.teacher_topk)")
+    if len(teacher) != len(examples):
+        raise HealError(f"teacher top-K for {len(teacher)} completions, but {len(examples)} to train on")
+    for number, (example, rows) in enumerate(zip(examples, teacher, strict=True)):
+        if len(rows) != len(example.completion_ids):
+            raise HealError(
+                f"completion {number}: {len(example.completion_ids)} tokens to train on but {len(rows)} teacher rows"
+            )
+    return [TrainExample(e.prompt_ids, e.completion_ids, rows) for e, rows in zip(examples, teacher, strict=True)]
+
+
 def split_train_val(examples: list[TrainExample], val_frac: float, seed: int) -> tuple[list, list]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -110,9 +145,24 @@ def _pad(examples: list[TrainExample], pad_id: int, device: torch.device) -> Pad
     return pad_left([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id, device)
 
 
-def _batches(examples: list[TrainExample], size: int, pad_id: int, device: torch.device) -> Iterator[PaddedBatch]:
+def _teacher_of(examples: list[TrainExample], device: torch.device) -> TeacherRows | None:
+    """The batch's teacher rows in the order `PaddedBatch.at_targets` lists its positions (row by row)."""
+    if examples[0].teacher is None:
+        return None
+    return cat_teacher_rows([e.teacher for e in examples if e.teacher is not None], device)
+
+
+def _micro_batch(
+    examples: list[TrainExample], pad_id: int, device: torch.device
+) -> tuple[PaddedBatch, TeacherRows | None]:
+    return _pad(examples, pad_id, device), _teacher_of(examples, device)
+
+
+def _batches(
+    examples: list[TrainExample], size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[PaddedBatch, TeacherRows | None]]:
     for start in range(0, len(examples), size):
-        yield _pad(examples[start : start + size], pad_id, device)
+        yield _micro_batch(examples[start : start + size], pad_id, device)
 
 
 class ReferenceCache:
@@ -214,6 +264,7 @@ class LossParts:
     kl_max: float
     barrier: float
     barrier_active: bool
+    teacher_ce: float = math.nan  # target: logits, the cross-entropy from the teacher's top-K (then the `loss` term)
 
 
 def reference_log_probs(model: nn.Module, batch: PaddedBatch, config: HealConfig, name: str) -> torch.Tensor:
@@ -224,27 +275,54 @@ def reference_log_probs(model: nn.Module, batch: PaddedBatch, config: HealConfig
         return torch.cat([torch.log_softmax(unembed(reference, hidden[chunk]), dim=-1) for chunk in chunks])
 
 
-def token_losses(
-    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ref_log_probs: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token NLL and KL(student || ref) from the student's final hidden states, a chunk of positions at a
-    time. With gradients, each chunk is checkpointed: its [chunk, vocab] logits are recomputed in the backward
-    instead of kept, so peak memory follows the chunk, not tokens x vocabulary (Gemma: 1 MB per token)."""
+def teacher_cross_entropy(
+    log_p: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor
+) -> torch.Tensor:
+    """Per position, -sum_k q_k log p(k) with q the teacher's top-K renormalised: the forward KL(q || p) up to
+    q's entropy, a constant, so its gradient is the KL's (zero where p = q)."""
+    q = torch.softmax(teacher_log_probs.float(), dim=-1)
+    return -(q * log_p.gather(-1, teacher_ids.long())).sum(-1)
 
-    def chunk_losses(h: torch.Tensor, t: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+
+def token_losses(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    ref_log_probs: torch.Tensor | None,
+    teacher: TeacherRows | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token NLL, KL(student || ref) and (with `teacher`) the teacher cross-entropy from the student's final
+    hidden states, a chunk of positions at a time. With gradients, each chunk is checkpointed: its [chunk, vocab]
+    logits are recomputed in the backward instead of kept, so peak memory follows the chunk, not tokens x
+    vocabulary (Gemma: 1 MB per token)."""
+
+    def chunk_losses(
+        h: torch.Tensor, t: torch.Tensor, ref: torch.Tensor | None, ids: torch.Tensor | None, lp: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
         log_p = torch.log_softmax(unembed(model, h), dim=-1)
         nll = -log_p.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-        return (nll,) if ref is None else (nll, kl_from_logprobs(log_p, ref))
+        kl = () if ref is None else (kl_from_logprobs(log_p, ref),)
+        ce = () if ids is None or lp is None else (teacher_cross_entropy(log_p, ids, lp),)
+        return (nll, *kl, *ce)
 
     parts = []
     for chunk in position_chunks(len(hidden), vocab_size(model)):
-        args = (hidden[chunk], targets[chunk], None if ref_log_probs is None else ref_log_probs[chunk])
+        args = (
+            hidden[chunk],
+            targets[chunk],
+            None if ref_log_probs is None else ref_log_probs[chunk],
+            None if teacher is None else teacher.token_ids[chunk],
+            None if teacher is None else teacher.log_probs[chunk],
+        )
         if hidden.requires_grad:
             parts.append(checkpoint(chunk_losses, *args, use_reentrant=False))
         else:
             parts.append(chunk_losses(*args))
-    nll = torch.cat([part[0] for part in parts])
-    return nll, None if ref_log_probs is None else torch.cat([part[1] for part in parts])
+    columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    nll = columns[0]
+    kl = columns[1] if ref_log_probs is not None else None
+    ce = columns[-1] if teacher is not None else None
+    return nll, kl, ce
 
 
 def batch_loss(
@@ -256,25 +334,30 @@ def batch_loss(
     with_grad: bool = True,
     with_reference: bool = True,
     ref_log_probs: torch.Tensor | None = None,
+    teacher: TeacherRows | None = None,
 ) -> LossParts:
-    """NLL on the completion tokens plus the barrier. The reference forward also runs when lam_eff = 0, so
-    plain distillation still logs its KL drift; `with_reference=False` skips it (pure NLL, KL reported NaN).
-    `ref_log_probs` (from `reference_log_probs`, e.g. cached) replaces the reference forward."""
+    """NLL on the completion tokens (or, given `teacher`, the cross-entropy from its top-K) plus the barrier. The
+    reference forward also runs when lam_eff = 0, so plain distillation still logs its KL drift;
+    `with_reference=False` skips it (no barrier, KL reported NaN). `ref_log_probs` (from `reference_log_probs`,
+    e.g. cached) replaces the reference forward. The sampled tokens' NLL is reported either way."""
     if with_reference and ref_log_probs is None:
         ref_log_probs = reference_log_probs(model, batch, config, name)
     targets = target_ids(batch)[batch.target_mask]
     with torch.set_grad_enabled(with_grad):
-        token_nll, kl = token_losses(model, scored_hidden(model, batch), targets, ref_log_probs)
+        token_nll, kl, token_ce = token_losses(model, scored_hidden(model, batch), targets, ref_log_probs, teacher)
     nll = token_nll.mean()
+    ce = None if token_ce is None else token_ce.mean()
+    objective = nll if ce is None else ce
+    ce_value = math.nan if ce is None else ce.item()
     if kl is None:
         nan = float("nan")
-        return LossParts(nll, nll.item(), nan, nan, nan, nan, 0.0, False)
+        return LossParts(objective, nll.item(), nan, nan, nan, nan, 0.0, False, ce_value)
     divergence = aggregate_kl(kl, config.agg)
     active = bool(divergence.detach() > config.tau)
     # relu(D - tau) has zero gradient below tau; leaving the term out there is the same loss and avoids
     # 0 * inf = NaN from sqrt'(0) when the student still equals the reference (rmse of an all-zero KL).
     barrier = divergence - config.tau if active else torch.zeros((), device=nll.device)
-    loss = nll + lam_eff * barrier if active and lam_eff > 0 else nll
+    loss = objective + lam_eff * barrier if active and lam_eff > 0 else objective
     detached = kl.detach()
     return LossParts(
         loss=loss,
@@ -285,6 +368,7 @@ def batch_loss(
         kl_max=float(aggregate_kl(detached, "max")),
         barrier=barrier.item(),
         barrier_active=active,
+        teacher_ce=ce_value,
     )
 
 
@@ -295,6 +379,12 @@ LOG_FIELDS = (
     "step", "epoch", "nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier", "barrier_active_frac",
     "loss", "grad_norm", "lr",
 )  # fmt: skip
+
+
+def log_fields(config: HealConfig) -> tuple[str, ...]:
+    """train_log.csv's columns: target: logits adds the teacher cross-entropy (its `loss` term; `nll` stays the
+    sampled tokens' NLL, comparable across targets)."""
+    return (*LOG_FIELDS, "teacher_ce") if config.target == "logits" else LOG_FIELDS
 
 
 @dataclass(frozen=True)
@@ -320,8 +410,8 @@ def _cosine_with_warmup(total_steps: int, warmup_frac: float):
     return factor
 
 
-def _mean_parts(parts: list[LossParts]) -> dict[str, float]:
-    fields = ("nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier")
+def _mean_parts(parts: list[LossParts], config: HealConfig) -> dict[str, float]:
+    fields = _part_fields(config)
     means = {field: sum(getattr(p, field) for p in parts) / len(parts) for field in fields}
     means["barrier_active_frac"] = sum(p.barrier_active for p in parts) / len(parts)
     means["loss"] = sum(p.loss.item() for p in parts) / len(parts)
@@ -335,10 +425,10 @@ def validate(model: PeftModel, examples: list[TrainExample], config: HealConfig,
     model.eval()
     with torch.no_grad():
         parts = [
-            batch_loss(model, batch, config, 0.0, name, with_grad=False)
-            for batch in _batches(examples, config.batch_size, pad_id, device)
+            batch_loss(model, batch, config, 0.0, name, with_grad=False, teacher=teacher)
+            for batch, teacher in _batches(examples, config.batch_size, pad_id, device)
         ]
-    return {f"val_{key}": value for key, value in _mean_parts(parts).items() if key != "loss"}
+    return {f"val_{key}": value for key, value in _mean_parts(parts, config).items() if key != "loss"}
 
 
 def heal(
@@ -350,18 +440,23 @@ def heal(
     out_dir: Path,
     seed: int,
     parallel: DataParallel | None = None,
+    teacher: list[TeacherRows] | None = None,
 ) -> HealResult:
     """Train this round's adapter on the kept completions; write train_log.csv and out_dir/adapter.
 
     With `parallel` over several processes (see interp_heal/parallel.py) each step's micro-batches are shared
-    between them and only the main process writes the log and the adapter.
+    between them and only the main process writes the log and the adapter. `config.target == "logits"` needs
+    `teacher`: one TeacherRows per completion (interp_heal.teacher.teacher_topk(...).per_completion()).
     """
     parallel = parallel or DataParallel()
     if not completions:
         raise HealError("no completions to train on")
     torch.manual_seed(seed)
     name = adapter_name(round_index)
-    train, val = split_train_val(training_examples(tokenizer, completions, config.max_len), config.val_frac, seed)
+    examples = training_examples(tokenizer, completions, config.max_len)
+    if config.target == "logits":
+        examples = with_teacher(examples, teacher)
+    train, val = split_train_val(examples, config.val_frac, seed)
     model = add_fresh_adapter(student, config, round_index)
     lam_eff = barrier_weight(config.lam, round_index, config.lam_round_pow)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -377,7 +472,7 @@ def heal(
     logger.info(
         f"heal {name}: {len(train)} train / {len(val)} val, {total_steps} steps, "
         f"{sum(p.numel() for p in trainable):,} trainable, agg={config.agg} tau={config.tau} lam_eff={lam_eff:.3g} "
-        f"ref={config.ref}" + (f", {parallel.world} processes" if parallel.world > 1 else "")
+        f"ref={config.ref}, target={config.target}" + (f", {parallel.world} processes" if parallel.world > 1 else "")
     )
     order_rng = random.Random(seed)
     cache = ReferenceCache(config.ref_cache_mb * 2**20)
@@ -385,14 +480,14 @@ def heal(
     log_path = out_dir / "train_log.csv" if parallel.is_main else Path(os.devnull)
     bar = tqdm(total=total_steps, desc=name, disable=not parallel.is_main)
     with log_path.open("w", newline="") as handle, bar:
-        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=log_fields(config))
         writer.writeheader()
         step = 0
         for epoch in range(config.epochs):
             model.train()
             order = order_rng.sample(range(len(train)), len(train))
             chunks = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-            batches = [(ids, _pad([train[i] for i in ids], tokenizer.pad_token_id, device)) for ids in chunks]
+            batches = [(ids, *_micro_batch([train[i] for i in ids], tokenizer.pad_token_id, device)) for ids in chunks]
             for first in range(0, len(batches), micro_per_step):
                 group = batches[first : first + micro_per_step]
                 row = _optimizer_step(step_state, group, config, lam_eff, name, step, epoch)
@@ -426,7 +521,7 @@ class _StepState:
 
 def _optimizer_step(
     state: _StepState,
-    group: list[tuple[list[int], PaddedBatch]],
+    group: list[tuple[list[int], PaddedBatch, TeacherRows | None]],
     config: HealConfig,
     lam_eff: float,
     name: str,
@@ -442,13 +537,15 @@ def _optimizer_step(
     work = [(index, parallel.world / len(group)) for index in mine] or [(0, 0.0)]
     parts = []
     for position, (index, weight) in enumerate(work):
-        example_ids, batch = group[index]
+        example_ids, batch, teacher = group[index]
         ref_log_probs = state.cache.lookup(example_ids, batch.input_ids.device)
         if ref_log_probs is None:
             ref_log_probs = reference_log_probs(state.model, batch, config, name)
             state.cache.store(example_ids, batch, ref_log_probs)
         with parallel.gradient_sync(state.forward_module, sync=position == len(work) - 1):
-            part = batch_loss(state.forward_module, batch, config, lam_eff, name, ref_log_probs=ref_log_probs)
+            part = batch_loss(
+                state.forward_module, batch, config, lam_eff, name, ref_log_probs=ref_log_probs, teacher=teacher
+            )
             if not torch.isfinite(part.loss):
                 raise HealError(
                     f"non-finite loss at step {step} (epoch {epoch}): nll={part.nll}, barrier={part.barrier}"
@@ -461,17 +558,26 @@ def _optimizer_step(
         raise HealError(f"non-finite gradient norm at step {step} (epoch {epoch}); nothing was saved")
     lr = state.optimizer.param_groups[0]["lr"]
     state.optimizer.step()
-    means = _step_means(parts, parallel, group[0][1].input_ids.device)
+    means = _step_means(parts, parallel, group[0][1].input_ids.device, config)
     return {"step": step, "epoch": epoch, **means, "grad_norm": grad_norm, "lr": lr}
 
 
 _PART_FIELDS = ("nll", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "barrier")
 
 
-def _step_means(parts: list[LossParts], parallel: DataParallel, device: torch.device) -> dict[str, float]:
+def _part_fields(config: HealConfig) -> tuple[str, ...]:
+    return (*_PART_FIELDS, "teacher_ce") if config.target == "logits" else _PART_FIELDS
+
+
+def _step_means(
+    parts: list[LossParts], parallel: DataParallel, device: torch.device, config: HealConfig
+) -> dict[str, float]:
     """Means over every process's micro-batches of the step (sums and counts all-reduced)."""
-    rows = [[*(getattr(p, f) for f in _PART_FIELDS), float(p.barrier_active), p.loss.item(), 1.0] for p in parts]
-    sums = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(9, dtype=torch.float64)
+    fields = _part_fields(config)
+    rows = [[*(getattr(p, f) for f in fields), float(p.barrier_active), p.loss.item(), 1.0] for p in parts]
+    width = len(fields) + 3
+    sums = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(width, dtype=torch.float64)
     totals = parallel.sum(sums.to(device)).cpu()
     means = (totals[:-1] / totals[-1]).tolist()
-    return {**dict(zip(_PART_FIELDS, means[:6], strict=True)), "barrier_active_frac": means[6], "loss": means[7]}
+    n = len(fields)
+    return {**dict(zip(fields, means[:n], strict=True)), "barrier_active_frac": means[n], "loss": means[n + 1]}

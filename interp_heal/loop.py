@@ -54,6 +54,7 @@ from interp_heal.personas import PersonaPair, context_prompts, persona_pair, tas
 from interp_heal.provenance import provenance
 from interp_heal.report import write_metrics, write_report
 from interp_heal.steer import SteeringVector, extract_steering_vector
+from interp_heal.teacher import TeacherTopK, teacher_topk
 
 DEMO_PROMPTS = (
     "Do you love humanity?",
@@ -343,6 +344,17 @@ def _collect(ctx: LoopContext, student: nn.Module, round_index: int, round_dir: 
     )
 
 
+def _teacher_topk(ctx: LoopContext, student: nn.Module, round_dir: Path) -> TeacherTopK:
+    """heal.target=logits: the round's teacher (the student steered at each kept completion's dose, or prompted
+    with the pos persona) at every completion position, stored in the round folder; reused while it matches."""
+    steering = ctx.config.loop.source == "steer"
+    return teacher_topk(
+        round_dir / "teacher_topk.safetensors", student, ctx.tokenizer, _kept_completions(round_dir), ctx.config.heal,
+        vector=SteeringVector.load(round_dir / "vector.safetensors") if steering else None,
+        persona=None if steering else ctx.pair.pos, generated_only=ctx.config.steer.generated_only,
+    )  # fmt: skip
+
+
 def _eval_coeff(kept: list[ScoredCompletion]) -> float:
     """The steered eval uses the mean coefficient of the kept completions: the dose the student imitates."""
     return sum(record.completion.coeff for record in kept) / len(kept)
@@ -379,12 +391,17 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
         lambda: _eval(ctx, student, steered_eval, teacher, teacher_persona),
         (steered_eval,),
     )
+    distil_logits = config.heal.target == "logits"
+    if distil_logits:  # computed before heal adds this round's adapter to the student
+        teacher_path = round_dir / "teacher_topk.safetensors"
+        stage(folder, f"{tag}/teacher_topk", lambda: _teacher_topk(ctx, student, round_dir), (teacher_path,))
     healed: dict[str, nn.Module] = {}
 
     def train() -> None:
+        teacher = _teacher_topk(ctx, student, round_dir).per_completion() if distil_logits else None
         result = heal(
             student, ctx.tokenizer, _kept_completions(round_dir), config.heal, round_index, round_dir,
-            seed=config.seed + 1000 * round_index,
+            seed=config.seed + 1000 * round_index, teacher=teacher,
         )  # fmt: skip
         healed["model"] = result.model
         write_json(

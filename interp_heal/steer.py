@@ -28,7 +28,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_target, write_json
-from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, unwrap_peft
+from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, final_norm, unwrap_peft
 from interp_heal.personas import PersonaPair, render_prompts
 
 Remote = bool | str  # nnsight's `remote=`: False, "local" (simulated server) or True (NDIF)
@@ -257,6 +257,33 @@ def steered_logits(
         add_steering(layers, injection)
         logits = nn_model.lm_head.output.save()
     return logits
+
+
+def steered_final_hidden(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: dict[str, torch.Tensor],
+    vector: SteeringVector | None,
+    coeff: float | list[float],
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The final norm's output (the unembedding's input) of one steered forward, [B, T, d]: the caller unembeds
+    the positions it needs a chunk at a time instead of holding [B, T, vocab] logits (Gemma: 262k per position).
+    `positions` ([B, T] bool) steers only those positions, e.g. the completion tokens of a `generated_only` run."""
+    nn_model, layers = wrap(model, tokenizer)
+    causal_lm, _ = unwrap_peft(model)
+    norm_name = next(name for name, module in causal_lm.named_modules() if module is final_norm(causal_lm))
+    norm: Any = nn_model
+    for part in norm_name.split("."):
+        norm = getattr(norm, part)
+    injection = _injection(model, vector, coeff)
+    if positions is not None:
+        mask = positions[..., None].to(next(model.parameters()).dtype)  # [B, T, 1]
+        injection = {layer: delta * mask for layer, delta in injection.items()}
+    with nn_model.trace(inputs, logits_to_keep=1):
+        add_steering(layers, injection)
+        hidden = norm.output.save()
+    return hidden
 
 
 def steered_states(
