@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+from transformers import PreTrainedTokenizerBase
 
 from interp_heal.axis_check import AxisCheck, check_axis
 from interp_heal.bake import bake
@@ -17,7 +18,7 @@ from interp_heal.errors import DataError
 from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
 from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
-from interp_heal.heal import HealResult, heal
+from interp_heal.heal import HealResult, TeacherRows, heal
 from interp_heal.io import check_writable, read_json, write_json
 from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
@@ -27,6 +28,7 @@ from interp_heal.paired_items import readout_items
 from interp_heal.parallel import data_parallel
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
 from interp_heal.steer import SteeringVector, check_fits, extract_steering_vector
+from interp_heal.teacher import teacher_topk
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,33 @@ def run_heal(config: Config, collect_dir: Path, out: Path, round_index: int = 0)
     parallel = data_parallel()  # several processes only under `accelerate launch` / `torchrun`
     device = parallel.device or config.model.device
     model, tokenizer, _ = load_configured_model(config.model, device)
-    return heal(model, tokenizer, completions, config.heal, round_index, out, seed=config.seed, parallel=parallel)
+    teacher = _collect_teacher(config, collect_dir, out, model, tokenizer, completions)
+    return heal(
+        model, tokenizer, completions, config.heal, round_index, out, seed=config.seed, parallel=parallel,
+        teacher=teacher,
+    )  # fmt: skip
+
+
+def _collect_teacher(
+    config: Config,
+    collect_dir: Path,
+    out: Path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    completions: list[Completion],
+) -> list[TeacherRows] | None:
+    """heal.target=logits: the top-K of the teacher that sampled a collect folder, the base steered by its
+    vector at each completion's dose, stored in `out` (reused there while its key matches)."""
+    if config.heal.target != "logits":
+        return None
+    vector_path = collect_dir / "vector.safetensors"
+    if not vector_path.is_file():
+        raise DataError(f"{collect_dir}: no vector.safetensors; heal.target=logits steers the teacher with it")
+    vector = SteeringVector.load(vector_path)
+    check_fits(vector, model)
+    path = out / "teacher_topk.safetensors"
+    topk = teacher_topk(path, model, tokenizer, completions, config.heal, vector, None, config.steer.generated_only)
+    return topk.per_completion()
 
 
 def run_eval(

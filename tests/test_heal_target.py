@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli import app
 from interp_heal import loop as loop_module
 from interp_heal import teacher as teacher_module
 from interp_heal.bake import adapter_name
@@ -13,6 +15,7 @@ from interp_heal.config import HealConfig, load_config
 from interp_heal.errors import DataError
 from interp_heal.generate import Completion
 from interp_heal.heal import HealError, add_fresh_adapter, batch_loss, cat_teacher_rows, heal, training_examples
+from interp_heal.io import write_json, write_jsonl
 from interp_heal.loop import run_loop
 from interp_heal.models import build_tiny_llama
 from interp_heal.sequences import pad_left
@@ -20,7 +23,7 @@ from interp_heal.steer import SteeringVector, steered_logits
 from interp_heal.teacher import compute_teacher_topk, teacher_inputs, teacher_topk
 
 CPU = torch.device("cpu")
-# The loop test is about the teacher stage: the readouts' MFV and adherence add ~30 s and say nothing here.
+# Readouts the loop test does not look at (it is about the teacher stage).
 FAST_EVAL = ("eval.mfv=false", "eval.adherence=false")
 PERSONA = "You love every person you meet and say so warmly."
 
@@ -236,3 +239,19 @@ def test_a_resumed_round_reuses_the_stored_teacher(tmp_path, monkeypatch, source
     teacher_file.write_bytes(teacher_file.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(DataError, match="teacher_topk"):  # a finished stage's edited file is an error, as any other
         run_loop(config)
+
+
+def test_heal_command_distils_the_collect_folders_steered_teacher(tmp_path, tokenizer):
+    collect_dir = tmp_path / "collect"
+    rows = [{**c.as_dict(), "kept": True, "kappa": 1.0, "reasons": []} for c in _completions(tokenizer) * 2]
+    write_jsonl(collect_dir / "completions.jsonl", rows)
+    write_json(collect_dir / "summary.json", {"kappa": 1.0})
+    command = ["heal", "-c", "configs/smoke.yaml", "--from", str(collect_dir), "-o", str(tmp_path / "h")]
+    logits = ["--set", "heal.target=logits", "--set", "heal.teacher_topk=4"]
+    result = CliRunner().invoke(app, [*command, *logits])
+    assert result.exit_code == 2 and "no vector.safetensors" in result.output
+    _random_vector().save(collect_dir / "vector.safetensors")
+    result = CliRunner().invoke(app, [*command, *logits])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "h" / "teacher_topk.safetensors").is_file()
+    assert "teacher_ce" in (tmp_path / "h" / "train_log.csv").read_text().splitlines()[0]
