@@ -11,7 +11,6 @@ user cache, keyed by the GGUF's sha256, and every later load reads that folder (
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -42,11 +41,10 @@ from transformers import (
 from interp_heal.chat import ChatFormat, use_chat_format
 from interp_heal.config import ModelConfig
 from interp_heal.errors import ConfigError, ModelSpecError
-from interp_heal.io import atomic_write_text, read_json
+from interp_heal.io import atomic_write_text, read_json, sha256_file
 
 CACHE_ENV = "INTERP_HEAL_CACHE"
 CACHE_MARKER = "interp_heal_cache.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def assembled_gguf_path(embedded: EmbeddedModel) -> Path:
         raise _missing_package_error(embedded, f"a chunk package is missing ({err})") from None
     except ValueError:
         pass  # the package's own sha256 check; ours below names the file and the fix
-    digest = file_sha256(tmp) if tmp.is_file() else "no file"
+    digest = sha256_file(tmp) if tmp.is_file() else "no file"
     if digest != embedded.sha256:
         tmp.unlink(missing_ok=True)
         raise ModelSpecError(
@@ -167,14 +165,6 @@ def assembled_gguf_path(embedded: EmbeddedModel) -> Path:
     return target
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _gguf_key(gguf: Path) -> str:
     """sha256 of the GGUF, memoised next to the cache by (size, mtime) so later loads skip the hash."""
     stat = gguf.stat()
@@ -182,7 +172,7 @@ def _gguf_key(gguf: Path) -> str:
     stamp = f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}"
     known = json.loads(memo.read_text()) if memo.is_file() else {}
     if stamp not in known:
-        known[stamp] = file_sha256(gguf)
+        known[stamp] = sha256_file(gguf)
         atomic_write_text(memo, json.dumps(known, indent=1))
     return known[stamp]
 

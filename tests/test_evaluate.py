@@ -35,6 +35,14 @@ def test_bootstrap_ci_brackets_the_mean():
     assert abs(constant_low - 0.3) < 1e-6 and abs(constant_high - 0.3) < 1e-6
 
 
+def test_bootstrap_ci_has_the_width_of_the_standard_error_and_is_seeded():
+    values = torch.randn(400, generator=torch.Generator().manual_seed(3))
+    low, high = bootstrap_ci(values, 4000)
+    expected = 2 * 1.96 * float(values.std()) / 400**0.5  # the normal interval the bootstrap approximates
+    assert abs((high - low) - expected) < 0.1 * expected
+    assert bootstrap_ci(values, 500, seed=1) == bootstrap_ci(values, 500, seed=1) != bootstrap_ci(values, 500, seed=2)
+
+
 def test_trait_readout_moves_under_steering_and_persona(tiny_model, tokenizer):
     base = trait_log_odds(tiny_model, tokenizer, LOVE, FAST)
     steered = trait_log_odds(tiny_model, tokenizer, LOVE, FAST, Steering(_random_vector(scale=0.5), 1.0))

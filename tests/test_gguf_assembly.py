@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from interp_heal.errors import ModelSpecError
-from interp_heal.models import EMBEDDED_MODELS, EmbeddedModel, assembled_gguf_path, embedded_cache_dir, file_sha256
+from interp_heal.io import sha256_file
+from interp_heal.models import EMBEDDED_MODELS, EmbeddedModel, assembled_gguf_path, embedded_cache_dir
 
 GOOD = b"a stand-in for the joined chunks"
 
@@ -33,7 +34,7 @@ def cache(tmp_path, monkeypatch):
 def test_assembles_into_the_cache_once(tmp_path, monkeypatch, cache):
     _package(tmp_path, monkeypatch, "fake_ok", f"Path(output_path).write_bytes({GOOD!r}); return Path(output_path)")
     (tmp_path / "good").write_bytes(GOOD)
-    embedded = _embedded("fake_ok", file_sha256(tmp_path / "good"))
+    embedded = _embedded("fake_ok", sha256_file(tmp_path / "good"))
     path = assembled_gguf_path(embedded)
     assert path == cache / "gguf" / "fake.gguf" and path.read_bytes() == GOOD
     assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf"]  # no temp file left

@@ -1,0 +1,50 @@
+"""The KL direction (issue 26): docs/pipeline.md states KL(student || ref) for the barrier and KL(model || base)
+for the evaluation; on distributions where the two directions differ, the code computes the stated one."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from interp_heal.evaluate import reply_logprobs
+from interp_heal.mfv import Steering
+from interp_heal.sequences import kl_from_logprobs, token_kl
+from tests.test_steer import _random_vector
+
+P, Q = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.4, 0.3, 0.3])
+
+
+def test_token_kl_is_the_expectation_under_its_first_argument():
+    by_hand = float((P * (P / Q).log()).sum())
+    reverse = float((Q * (Q / P).log()).sum())
+    assert abs(by_hand - reverse) > 0.1, "the pair must tell the directions apart"
+    assert float(token_kl(P.log()[None, None], Q.log()[None, None])) == pytest.approx(by_hand, rel=1e-5)
+    assert float(kl_from_logprobs(P.log(), Q.log())) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_the_docs_state_the_directions():
+    pipeline = Path("docs/pipeline.md").read_text()
+    assert "KL(student_t ‖ ref_t)" in pipeline and "KL(model ‖ base)" in pipeline
+
+
+def test_the_evaluation_reads_kl_of_the_model_from_the_base(tiny_model, tokenizer, monkeypatch):
+    calls = []
+
+    def spy(logits_p, logits_q):
+        calls.append((logits_p.clone(), logits_q.clone()))
+        return token_kl(logits_p, logits_q)
+
+    # sys.modules: the package's public API exports the function `evaluate`, which shadows the module name.
+    monkeypatch.setattr(sys.modules["interp_heal.evaluate"], "token_kl", spy)
+    users, replies = ["Name a red fruit."], ["A strawberry is red."]
+    reply_logprobs(tiny_model, tokenizer, users, replies, 4, Steering(), with_base_kl=True)
+    steering = Steering(_random_vector(scale=2.0), 1.0)
+    _, kls = reply_logprobs(tiny_model, tokenizer, users, replies, 4, steering, with_base_kl=True)
+    (plain, _), (steered, base) = calls
+    assert torch.allclose(base, plain, atol=1e-5), "the second argument is the base (the unsteered model's logits)"
+    assert not torch.allclose(steered, base, atol=1e-3), "the first is the steered model"
+    # Which argument is which is pinned above; that token_kl's first argument is the expectation's, by
+    # test_token_kl_is_the_expectation_under_its_first_argument (the random model's near-uniform outputs make
+    # both directions agree to 1e-4 here, so they cannot tell the directions apart themselves).
+    assert torch.allclose(torch.cat(kls), token_kl(steered, base)[0, : len(kls[0])], rtol=1e-4)
