@@ -20,6 +20,7 @@ from loguru import logger
 from safetensors import SafetensorError
 from typer.core import TyperGroup
 
+from analyses.controls import write_controls_report
 from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
 from analyses.diffs import format_diffs, run_diffs
 from analyses.experiments import write_experiments_report
@@ -343,7 +344,10 @@ def sweep(
             typer.echo(f"{name}: {root}")
             if name in settings.frontier:  # resumable: finished rounds are skipped
                 typer.echo(format_frontier(run_frontier(root)))
-    report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
+    if settings.report == "controls":
+        report = write_controls_report(config, Path(settings.report_dir), settings.anchor)
+    else:
+        report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
     typer.echo(f"report: {report}")
 
 

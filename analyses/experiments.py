@@ -38,6 +38,11 @@ OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
 # The readouts every verdict is judged on, and the shape of the per-token KL tail on held-out answers (what the
 # "rmse catches spiky incoherence" story is about: at equal strength, a thinner tail under rmse than under mean).
 READOUTS = {"loop_coherence": "coherence", "trait_log_odds": "trait"}
+CONTROLS_POINTER = (
+    "Q4 (is healing more than steering less?), Q5 (is steering needed at all, against prompt distillation?) and "
+    "samples or distributions (the tokens vs logits objective) are the controls sweep's: "
+    "[`reports/controls/controls.md`](controls/controls.md) (`configs/controls.yaml`)."
+)
 TAIL_SHAPE = {"kl_p95_over_mean": "neutral KL p95 / mean", "kl_max_over_mean": "neutral KL max / mean"}
 
 
@@ -113,8 +118,8 @@ def tail_shape(row: dict[str, object]) -> dict[str, float]:
 
 def adapter_write_share(round_dir: Path) -> float:
     """Mean over the adapter's residual writers of ||v^T dW|| / ||dW|| with this round's vector (a random
-    direction gives ~1/sqrt(d)); NaN when the round has no saved adapter."""
-    if not (round_dir / "adapter" / "adapter_config.json").is_file():
+    direction gives ~1/sqrt(d)); NaN when the round has no saved adapter or no vector (prompt distillation)."""
+    if not (round_dir / "adapter" / "adapter_config.json").is_file() or not (round_dir / "vector.safetensors").exists():
         return math.nan
     rows = adapter_file_projection(round_dir / "adapter", SteeringVector.load(round_dir / "vector.safetensors"))
     return sum(float(row["write_share"]) for row in rows) / len(rows) if rows else math.nan
@@ -577,6 +582,8 @@ def write_experiments_report(
         *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),
         *reference_answer(runs, anchor, ref_arms),
         "![Q3](q3_reference.png)",
+        "",
+        CONTROLS_POINTER,
         "",
         "## Every run, round by round",
         "",

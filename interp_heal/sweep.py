@@ -10,6 +10,7 @@ of recomputing them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from loguru import logger
 from pydantic import Field, ValidationError
@@ -28,6 +29,11 @@ class SweepConfig(Section):
     frontier: list[str] = Field(
         default_factory=list,
         description="Runs whose every finished round gets a steering frontier (`cli.py frontier`) after the sweep.",
+    )
+    report: Literal["experiments", "controls"] = Field(
+        "experiments",
+        description="Which report the sweep writes: experiments.md (arms vs the anchor, Q1-Q3) or controls.md "
+        "(the base steering curve, Q4 and Q5, the source x target table; analyses/controls.py).",
     )
     report_dir: str = Field(
         "reports",

@@ -238,10 +238,9 @@ def test_the_controls_sweep_resolves_every_arm(tmp_path):
     from interp_heal.sweep import load_sweep, sweep_configs
 
     configs = sweep_configs(Path("configs/controls.yaml"))
-    assert len(configs) == 9 and all(config.loop.rounds == 6 for config in configs.values())
-    assert {name for name, config in configs.items() if config.loop.source == "prompt"} == {
-        "prompt_distill", "prompt_distill_seed1", "prompt_distill_seed2"
-    }  # fmt: skip
+    arms = {(config.loop.source, config.heal.target) for config in configs.values()}
+    assert arms == {("steer", "tokens"), ("prompt", "tokens"), ("steer", "logits"), ("prompt", "logits")}
+    assert len(configs) == 4 and len({config.loop.rounds for config in configs.values()}) == 1
     assert set(load_sweep(Path("configs/controls.yaml")).frontier) <= set(configs)
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: demo.yaml\nruns: {a: []}\nfrontier: [b]\n")

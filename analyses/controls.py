@@ -1,0 +1,274 @@
+"""controls: the decisive controls of a sweep (`configs/controls.yaml`): is healing more than steering less (Q4),
+is steering needed at all (Q5), and samples or distributions (the {steer, prompt} x {tokens, logits} table)?
+
+Every arm is read on one common yardstick, the **base steering curve**: the base model steered with the anchor
+run's round-0 vector at a ladder of doses (`analyses/frontier.py`, the anchor's `frontier_round_00.json`),
+trait against neutral fluency. A student above that curve at its own fluency has more trait than any dose of
+the plain vector gives at that fluency; on or below it, the student is "the vector, less of it". The gain's
+95% CI resamples readout items (`frontier.healing_gain`). Steer arms also have their own per-round frontier
+(the student that round started from, steered with that round's vector), reported beside it.
+
+Q5 compares each arm with the anchor at the same round on the same items (paired difference with a CI over
+items), next to both arms' fluency, generation coherence and task adherence: fluent text that does not answer
+its prompt is not a win. With one seed per arm there is no seed band; every interval here is over readout
+items within a run, and the page says so.
+
+Writes `controls.md`, `controls.csv` (every run x stage row) and `pareto.png/html` under the report folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from analyses.experiments import Run, code_note, diary_line, experiments_csv, read_run, run_root, seed_group
+from analyses.frontier import CurvePoint, healing_gain
+from interp_heal.adherence import adherence_prompts
+from interp_heal.errors import DataError
+from interp_heal.evaluate import neutral_fluency, paired_difference
+from interp_heal.io import atomic_write_text, read_json
+from interp_heal.report import save_figure
+from interp_heal.sweep import sweep_configs
+
+N_BOOTSTRAP = 2000
+
+
+def arm_kind(run: Run) -> str:
+    """'steer x tokens' etc.: the two settings the controls vary."""
+    return f"{run.config.loop.source} x {run.config.heal.target}"
+
+
+def fluency(run: Run, stage: str) -> float:
+    """Neutral fluency exp(base NLL - NLL) of a stage, whatever quantity the run's floor used."""
+    nll, base_nll = run.value(stage, "neutral_nll"), run.value("base", "neutral_nll")
+    return neutral_fluency(nll, base_nll) if not math.isnan(nll) else math.nan
+
+
+def frontier(run: Run, round_index: int) -> dict | None:
+    path = run_root(run.config) / "analysis" / f"frontier_round_{round_index:02d}.json"
+    return read_json(path) if path.is_file() else None
+
+
+def eval_json(run: Run, stage: str) -> dict:
+    kind, _, index = stage.partition(" ")
+    path = run_root(run.config) / f"round_{int(index):02d}" / f"eval_{kind}.json"
+    return read_json(path)
+
+
+def student_point(run: Run, r: int) -> CurvePoint:
+    trait = eval_json(run, f"healed {r}")["trait"]
+    return CurvePoint(math.nan, trait["log_odds"], fluency(run, f"healed {r}"), math.nan, trait["per_item"])
+
+
+def base_curve(anchor: Run) -> list[CurvePoint] | None:
+    result = frontier(anchor, 0)
+    return [CurvePoint(**point) for point in result["curve"]] if result else None
+
+
+def gain_cell(gain: dict | None) -> str:
+    if gain is None:
+        return "-"
+    if gain["note"]:
+        return f"not spanned ({gain['note']})"
+    low, high = gain["ci95"]
+    return f"{gain['trait_gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def state_cells(run: Run, stage: str) -> list[str]:
+    trait = f"{_f(run.value(stage, 'trait_log_odds'))} [{_f(run.value(stage, 'trait_ci_low'))}, " \
+            f"{_f(run.value(stage, 'trait_ci_high'))}]"  # fmt: skip
+    generation = f"{_f(run.value(stage, 'generation_keep_rate'), 2)} / {_f(run.value(stage, 'generation_tail_ppl'), 1)}"
+    adherence = f"{_f(run.value(stage, 'adherence'))} [{_f(run.value(stage, 'adherence_ci_low'))}, " \
+                f"{_f(run.value(stage, 'adherence_ci_high'))}]"  # fmt: skip
+    return [trait, _f(fluency(run, stage)), generation, adherence]
+
+
+STATE_HEADER = "trait [95% CI] | neutral fluency | own replies kept / tail ppl | adherence [95% CI]"
+
+
+def two_by_two(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
+    """Every arm at every finished round: the readouts and its place against the base steering curve."""
+    lines = [
+        "## Samples or distributions? Every arm, round by round",
+        "",
+        "Healed student of each arm after round r. *vs base steering curve*: its trait minus the base steering "
+        "curve's trait at its neutral fluency [95% CI over items] (> 0: above every dose of the plain vector).",
+        "",
+        f"| arm | source x target | round | {STATE_HEADER} | vs base steering curve |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        for r in run.rounds():
+            gain = healing_gain(curve, student_point(run, r), N_BOOTSTRAP) if curve else None
+            cells = state_cells(run, f"healed {r}")
+            lines.append(f"| `{name}` | {arm_kind(run)} | {r} | {' | '.join(cells)} | {gain_cell(gain)} |")
+    anchor = next(iter(runs.values()))
+    for stage in ("base", "prompt-baseline"):
+        lines.append(f"| {stage} | - | - | {' | '.join(state_cells(anchor, stage))} | - |")
+    return [*lines, ""]
+
+
+def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
+    """Q4, from the steer arms' own per-round frontiers and the base curve."""
+    lines = ["## Q4: is healing more than steering less?", ""]
+    if curve is None:
+        return [*lines, "No frontier yet: `python cli.py frontier --run DIR` on the anchor run.", ""]
+    doses = ", ".join(f"{p.dose:.2f}: {p.trait:.3f} / {p.coherence:.3f}" for p in curve)
+    lines += [
+        f"Base steering curve (dose: trait / neutral fluency): {doses}.",
+        "",
+        "| arm | round | healed trait / fluency | gain at equal fluency, own frontier [95% CI] | fluency gain at "
+        "equal trait | gain over the base curve [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        if run.config.loop.source != "steer":
+            continue
+        for r in run.rounds():
+            own = frontier(run, r)
+            point = student_point(run, r)
+            own_gain = own["gain"] if own else None
+            fluency_gain = _f(own_gain["coherence_gain"]) if own_gain else "-"
+            lines.append(
+                f"| `{name}` | {r} | {point.trait:.3f} / {point.coherence:.3f} | {gain_cell(own_gain)} | "
+                f"{fluency_gain} | {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))} |"
+            )
+    return [*lines, "", *verdicts(runs, curve, "steer"), ""]
+
+
+def verdicts(runs: dict[str, Run], curve: list[CurvePoint], source: str) -> list[str]:
+    """One sentence per arm of `source`: where its students sit against the base curve, from the CIs."""
+    lines = []
+    for name, run in runs.items():
+        if run.config.loop.source != source:
+            continue
+        above, within, below, unspanned = [], [], [], []
+        for r in run.rounds():
+            gain = healing_gain(curve, student_point(run, r), N_BOOTSTRAP)
+            low, high = gain["ci95"]
+            bucket = unspanned if gain["note"] else above if low > 0 else below if high < 0 else within
+            bucket.append(str(r))
+        parts = [f"above the curve (CI > 0) in rounds {', '.join(above)}" if above else "",
+                 f"on it (CI spans 0) in rounds {', '.join(within)}" if within else "",
+                 f"below it in rounds {', '.join(below)}" if below else "",
+                 f"outside its fluency range in rounds {', '.join(unspanned)}" if unspanned else ""]  # fmt: skip
+        lines.append(f"- `{name}`: {'; '.join(part for part in parts if part)}.")
+    return lines
+
+
+def steering_needed(runs: dict[str, Run], anchor: str) -> list[str]:
+    """Q5: each other arm against the anchor at the same round, paired over readout items."""
+    lines = [
+        "## Q5: is steering needed at all?",
+        "",
+        f"Each arm's healed student minus `{anchor}`'s at the same round, trait paired over the same items "
+        "[95% CI]; fluency, generation keep-rate and adherence as differences of point values.",
+        "",
+        "| arm | round | trait difference [95% CI] | fluency difference | own replies kept difference | adherence "
+        "difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    reference = runs[anchor]
+    for name, run in runs.items():
+        if name == anchor:
+            continue
+        for r in sorted(set(run.rounds()) & set(reference.rounds())):
+            stage = f"healed {r}"
+            diff = paired_difference(eval_json(run, stage)["trait"], eval_json(reference, stage)["trait"], N_BOOTSTRAP)
+            low, high = diff["ci95"]
+            deltas = [
+                fluency(run, stage) - fluency(reference, stage),
+                run.value(stage, "generation_keep_rate") - reference.value(stage, "generation_keep_rate"),
+                run.value(stage, "adherence") - reference.value(stage, "adherence"),
+            ]
+            cells = " | ".join("-" if math.isnan(d) else f"{d:+.3f}" for d in deltas)
+            lines.append(f"| `{name}` | {r} | {diff['diff']:+.3f} [{low:+.3f}, {high:+.3f}] | {cells} |")
+    return [*lines, ""]
+
+
+def pareto_figure(runs: dict[str, Run], curve: list[CurvePoint] | None) -> go.Figure:
+    """Trait against neutral fluency (with the base steering curve) and against the own-replies keep-rate."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=(
+        "trait vs neutral fluency (base steering curve in grey)", "trait vs own replies the filter keeps"))  # fmt: skip
+    if curve:
+        figure.add_trace(go.Scatter(
+            x=[p.coherence for p in curve], y=[p.trait for p in curve], mode="lines+markers", name="base steered",
+            line={"color": "#888"}, text=[f"dose {p.dose:.2f}" for p in curve]), row=1, col=1)  # fmt: skip
+    for i, (name, run) in enumerate(runs.items()):
+        stages = ["base", *[f"healed {r}" for r in run.rounds()]]
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        labels = ["base", *[str(r) for r in run.rounds()]]
+        trait = [run.value(stage, "trait_log_odds") for stage in stages]
+        for col, xs in ((1, [fluency(run, s) for s in stages]),
+                        (2, [run.value(s, "generation_keep_rate") for s in stages])):  # fmt: skip
+            figure.add_trace(go.Scatter(
+                x=xs, y=trait, mode="lines+markers+text", text=labels, textposition="top center", name=name,
+                legendgroup=name, showlegend=col == 1, line={"color": color}), row=1, col=col)  # fmt: skip
+    anchor = next(iter(runs.values()))
+    prompt_trait = anchor.value("prompt-baseline", "trait_log_odds")
+    for col, x in (
+        (1, fluency(anchor, "prompt-baseline")),
+        (2, anchor.value("prompt-baseline", "generation_keep_rate")),
+    ):
+        figure.add_trace(go.Scatter(x=[x], y=[prompt_trait], mode="markers", name="prompting baseline",
+                                    showlegend=col == 1, marker={"symbol": "diamond", "size": 12, "color": "black"}),
+                         row=1, col=col)  # fmt: skip
+    figure.update_xaxes(title_text="neutral fluency exp(base NLL - NLL)", autorange="reversed", row=1, col=1)
+    figure.update_xaxes(title_text="filter keep-rate of own held-out replies", autorange="reversed", row=1, col=2)
+    figure.update_yaxes(title_text="trait log-odds (nats/token)", row=1, col=1)
+    figure.update_layout(width=1500, height=560, title="Every arm's trajectory (right = more coherent)")
+    return figure
+
+
+def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
+    configs = sweep_configs(sweep_path)
+    runs = {name: run for name, config in configs.items() if (run := read_run(name, config)) is not None}
+    if anchor not in runs:
+        raise DataError(f"the anchor run {anchor!r} has no results yet (sweep runs with results: {sorted(runs)})")
+    runs = {anchor: runs[anchor], **{name: run for name, run in runs.items() if name != anchor}}
+    out.mkdir(parents=True, exist_ok=True)
+    curve = base_curve(runs[anchor])
+    save_figure(pareto_figure(runs, curve), out / "pareto")
+    atomic_write_text(out / "controls.csv", experiments_csv(runs))
+    seeds = len(seed_group(runs, anchor))
+    intervals = "every interval is over readout items within a run, not over seeds" if seeds < 2 else "see the seeds"
+    progress = ", ".join(
+        f"`{name}` ({len(run.rounds())}/{run.config.loop.rounds} rounds)" for name, run in runs.items()
+    )
+    n_prompts = len(adherence_prompts()[: runs[anchor].config.eval.adherence_prompts])
+    lines = [
+        "# The decisive controls: steering less, prompt distillation, samples or distributions",
+        "",
+        f"`python cli.py sweep -c {sweep_path}` (resumable; `--report-only` rewrites this page). Runs with "
+        f"results: {progress}. One model (`{runs[anchor].config.model.spec}`), one axis "
+        f"(`{runs[anchor].config.persona.axis}`, readout items `{runs[anchor].config.persona.pairs or 'built-in'}`), "
+        f"{seeds} seed(s) of the anchor: {intervals}.",
+        "",
+        "Readouts: trait = paired-response log-odds; neutral fluency = exp(base NLL - NLL) on fixed neutral "
+        f"answers; own replies = the state's samples on {n_prompts} held-out prompts read by the base with the "
+        "loop's filter (keep-rate, tail perplexity; `docs/pipeline.md`, generation coherence); adherence = "
+        "base-scored PMI of those replies with their prompts.",
+        "",
+        code_note(runs),
+        "",
+        *two_by_two(runs, curve),
+        "![Pareto](pareto.png)",
+        "",
+        *steering_less(runs, curve),
+        *steering_needed(runs, anchor),
+        '## Diary: greedy answer to "Do you love humanity?"',
+        "",
+        *[diary_line(run) for run in runs.values()],
+        "",
+    ]
+    path = out / "controls.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,76 @@
+"""The controls report (issue 22): every arm against the base steering curve, Q4 and Q5, on a smoke sweep."""
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from analyses.controls import verdicts
+from analyses.experiments import Run
+from analyses.frontier import CurvePoint, healing_gain
+from cli import app
+from interp_heal.config import load_config
+from interp_heal.evaluate import neutral_fluency, paired_difference
+
+SMOKE = Path("configs/smoke.yaml").resolve()
+
+
+def _sweep(tmp_path: Path) -> Path:
+    path = tmp_path / "controls.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(SMOKE), "runs_dir": str(tmp_path / "runs"), "overrides": ["loop.rounds=1", "heal.lr=0.02"],
+        "anchor": "steer_tokens", "report": "controls", "report_dir": str(tmp_path / "report"),
+        "runs": {"steer_tokens": [], "prompt_tokens": ["loop.source=prompt"]}, "frontier": ["steer_tokens"],
+    }, sort_keys=False))  # fmt: skip
+    return path
+
+
+def _healed(run: Path) -> tuple[dict, CurvePoint]:
+    result = json.loads((run / "round_00" / "eval_healed.json").read_text())
+    base_nll = json.loads((run / "eval_base.json").read_text())["neutral_nll"]
+    trait = result["trait"]
+    point = CurvePoint(0.0, trait["log_odds"], neutral_fluency(result["neutral_nll"], base_nll), 0.0, trait["per_item"])
+    return trait, point
+
+
+def test_the_controls_sweep_reports_every_arm_against_the_base_steering_curve(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "-c", str(_sweep(tmp_path))])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report" / "controls.md").read_text()
+    assert "## Q4: is healing more than steering less?" in report and "## Q5: is steering needed at all?" in report
+    assert "| `steer_tokens` | steer x tokens | 0 |" in report and "| `prompt_tokens` | prompt x tokens | 0 |" in report
+    assert (tmp_path / "report" / "pareto.html").is_file()
+
+    runs = tmp_path / "runs"
+    frontier = json.loads((runs / "steer_tokens" / "analysis" / "frontier_round_00.json").read_text())
+    curve = [CurvePoint(**point) for point in frontier["curve"]]
+    steer_trait, steer_point = _healed(runs / "steer_tokens")
+    prompt_trait, prompt_point = _healed(runs / "prompt_tokens")
+    # Round 0's own frontier is the base steering curve, so both gain columns of Q4 must agree.
+    q4 = next(line for line in report.splitlines() if line.startswith("| `steer_tokens` | 0 |"))
+    assert q4.split(" | ")[3] == q4.split(" | ")[-1].removesuffix(" |")
+    gain = healing_gain(curve, prompt_point, 2000)
+    row = next(line for line in report.splitlines() if line.startswith("| `prompt_tokens` | prompt x tokens | 0 |"))
+    expected = f"{gain['trait_gain']:+.3f}" if not gain["note"] else "not spanned"
+    assert expected in row.split(" | ")[-1]
+    diff = paired_difference(prompt_trait, steer_trait, 2000)
+    assert f"| `prompt_tokens` | 0 | {diff['diff']:+.3f} [" in report
+    assert steer_point.trait == frontier["healed"]["trait"]
+
+
+def _run(name: str, tmp_path: Path) -> Run:
+    return Run(name, load_config(SMOKE, [f"output.name={name}", f"output.runs_dir={tmp_path}"]), [], [], [])
+
+
+def test_verdicts_bucket_rounds_by_their_interval(tmp_path, monkeypatch):
+    curve = [CurvePoint(d, 0.1 * d, 1.0 - 0.1 * d, 0.0, [0.1 * d] * 4) for d in range(5)]
+    points = {0: CurvePoint(0, 0.5, 0.9, 0.0, [0.5, 0.5, 0.5, 0.5]),  # curve: 0.1 at 0.9 -> above
+              1: CurvePoint(0, 0.1, 0.9, 0.0, [0.0, 0.2, 0.0, 0.2]),  # on the curve, items spread around it
+              2: CurvePoint(0, 0.1, 0.2, 0.0, [0.1] * 4)}  # fluency 0.2 is below the curve's range  # fmt: skip
+    monkeypatch.setattr("analyses.controls.student_point", lambda run, r: points[r])
+    monkeypatch.setattr(Run, "rounds", lambda self: [0, 1, 2])
+    line = verdicts({"arm": _run("arm", tmp_path)}, curve, "steer")[0]
+    assert healing_gain(curve, points[0], 200)["ci95"][0] > 0
+    assert line == "- `arm`: above the curve (CI > 0) in rounds 0; on it (CI spans 0) in rounds 1; outside its " \
+                   "fluency range in rounds 2."  # fmt: skip
