@@ -24,6 +24,8 @@ BENCHMARKS = {
     "heal_step": ["heal_step"],
     "heal_memory_smollm2-135m": ["heal_memory", "--model", "smollm2-135m"],
     "heal_memory_gemma3-270m": ["heal_memory", "--model", "gemma3-270m"],
+    "heal_target_smollm2-135m": ["heal_target", "--model", "smollm2-135m"],
+    "heal_target_gemma3-270m": ["heal_target", "--model", "gemma3-270m"],
     "eval_rows": ["eval_rows"],
     "demo_round": ["demo_round"],
     "demo_round_bf16": ["demo_round", "--set", "model.dtype=bfloat16", "--out", "reports/bench_demo_round_bf16.md"],
