@@ -18,12 +18,12 @@ from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import evaluate
 from interp_heal.io import read_json, write_json
-from interp_heal.loop import read_run
 from interp_heal.mfv import FOUNDATIONS, Steering
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import readout_items
 from interp_heal.personas import context_prompts, persona_pair
 from interp_heal.report import save_figure
+from interp_heal.run_folder import read_run, round_path
 from interp_heal.steer import extract_steering_vector
 
 STATES = ("base", "steered", "prompt")
@@ -33,7 +33,7 @@ def evaluations_from_run(run: Path, round_index: int = 0) -> dict[str, dict]:
     read_run(run)  # checks the files below against their recorded sha256
     paths = {
         "base": run / "eval_base.json",
-        "steered": run / f"round_{round_index:02d}" / "eval_steered.json",
+        "steered": round_path(run, round_index) / "eval_steered.json",
         "prompt": run / "eval_prompt.json",
     }
     missing = [str(path) for path in paths.values() if not path.is_file()]

@@ -39,10 +39,10 @@ from interp_heal.errors import DataError
 from interp_heal.generate import Completion
 from interp_heal.heal import AGGREGATES, aggregate_kl
 from interp_heal.io import read_jsonl, write_json
-from interp_heal.loop import read_run
 from interp_heal.models import load_configured_model
 from interp_heal.personas import render_prompts
 from interp_heal.report import save_figure
+from interp_heal.run_folder import read_run, round_path
 from interp_heal.sequences import PaddedBatch, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_states
 
@@ -59,7 +59,7 @@ class RoundData:
 
 
 def read_round(run: Path, round_index: int, max_kept: int = 32, max_dropped: int = 32) -> RoundData:
-    round_dir = run / f"round_{round_index:02d}"
+    round_dir = round_path(run, round_index)
     paths = [round_dir / name for name in ("vector.safetensors", "completions.jsonl", "collect_summary.json")]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
@@ -312,7 +312,7 @@ def run_diffs(run: Path, rounds: list[int] | None = None, out: Path | None = Non
     out = out or run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _ = load_configured_model(config.model)
-    student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in finished])
+    student = bake(model, [round_path(run, r) / "adapter" for r in finished])
     results = []
     for round_index in rounds or finished:
         data = read_round(run, round_index, max_kept, max_dropped)

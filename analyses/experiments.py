@@ -31,6 +31,7 @@ from interp_heal.io import atomic_write_text, read_jsonl
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.provenance import code_label
 from interp_heal.report import metric_rows, save_figure, stop_reason
+from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
@@ -80,7 +81,7 @@ def read_run(name: str, config: Config) -> Run | None:
     rows = metric_rows(root, config)
     for row in rows:
         if str(row["stage"]).startswith("healed"):
-            row["adapter_write_share"] = adapter_write_share(root / f"round_{int(row['round']):02d}")
+            row["adapter_write_share"] = adapter_write_share(round_path(root, int(row["round"])))
             row.update(tail_shape(row))
     return Run(name, config, rows, diary, recorded_code(root), stop_reason(root))
 
@@ -203,7 +204,7 @@ def aggregate_ratio(train_log: Path, agg: str, reference: str = "rmse", floor: f
 
 def barrier_scale_note(run: Run, aggregates: tuple[str, ...] = ("mean", "p95")) -> list[str]:
     """How strongly each aggregate binds at equal tau, measured on the KL profiles of `run`'s own training."""
-    logs = {r: run_root(run.config) / f"round_{r:02d}" / "train_log.csv" for r in run.rounds()}
+    logs = {r: round_path(run_root(run.config), r) / "train_log.csv" for r in run.rounds()}
     logs = {r: log for r, log in logs.items() if log.is_file()}
     if not logs:
         return []

@@ -30,11 +30,11 @@ from interp_heal.bake import bake, finished_rounds, student_at
 from interp_heal.config import Config, load_config
 from interp_heal.evaluate import neutral_coherence, neutral_fluency, trait_log_odds
 from interp_heal.io import write_json
-from interp_heal.loop import RunFolder
 from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import ReadoutItems, readout_items
 from interp_heal.report import save_figure, write_report
+from interp_heal.run_folder import RunFolder, round_path
 from interp_heal.steer import SteeringVector
 
 # Doses as multiples of the round's eval dose (the kept completions' mean coefficient): dense where coherence
@@ -149,7 +149,7 @@ def frontier_round(
     config = load_config(run / "config.yaml")
     readout = readout_items(config.persona)
     base_nll = json.loads((run / "eval_base.json").read_text())["neutral_nll"]
-    round_dir = run / f"round_{round_index:02d}"
+    round_dir = round_path(run, round_index)
     healed = _eval_point(round_dir / "eval_healed.json", base_nll)
     prompt = _eval_point(run / "eval_prompt.json", base_nll)
     vector = SteeringVector.load(round_dir / "vector.safetensors")
@@ -201,7 +201,7 @@ def run_frontier(run: Path, rounds: list[int] | None = None, out: Path | None = 
     out = out or run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _ = load_configured_model(config.model)
-    student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in finished])
+    student = bake(model, [round_path(run, r) / "adapter" for r in finished])
     results = []
     for round_index in rounds or finished:
         path = out / f"frontier_round_{round_index:02d}.json"

@@ -23,9 +23,10 @@ from interp_heal.bake import bake, finished_rounds, student_at
 from interp_heal.config import Config
 from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_json, read_jsonl, write_json
-from interp_heal.loop import DEMO_PROMPTS, read_run
+from interp_heal.loop import DEMO_PROMPTS
 from interp_heal.models import load_configured_model
 from interp_heal.report import metric_rows, stop_reason, trajectory_figure
+from interp_heal.run_folder import read_run, round_path
 from interp_heal.steer import SteeringVector
 
 STYLE = """
@@ -53,12 +54,12 @@ def steered_generations(run: Path, config: Config, rounds: list[int]) -> dict[st
     """Greedy answers to the demo prompts of each round's steered model (the student before round r plus
     v_r at the round's eval coefficient); the loop itself records base and healed answers."""
     model, tokenizer, _ = load_configured_model(config.model)
-    student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in rounds])
+    student = bake(model, [round_path(run, r) / "adapter" for r in rounds])
     greedy = config.generate.model_copy(update={"temperature": 0.0})
     answers: dict[str, list[str]] = {}
     for r in rounds:
-        vector = SteeringVector.load(run / f"round_{r:02d}" / "vector.safetensors")
-        coeff = read_json(run / f"round_{r:02d}" / "collect_summary.json")["eval_coeff"]
+        vector = SteeringVector.load(round_path(run, r) / "vector.safetensors")
+        coeff = read_json(round_path(run, r) / "collect_summary.json")["eval_coeff"]
         with student_at(student, r - 1 if r > 0 else None, len(rounds)) as generator:
             records = generate_completions(generator, tokenizer, list(DEMO_PROMPTS), vector, [coeff], greedy, 0)
         answers[str(r)] = [record.completion for record in records]
@@ -217,7 +218,7 @@ def projection_figure_from_json(path: Path) -> go.Figure:
 
 
 def round_page(run: Path, config: Config, r: int, rounds: list[int], static: bool) -> str:
-    round_dir, analysis = run / f"round_{r:02d}", run / "analysis"
+    round_dir, analysis = round_path(run, r), run / "analysis"
     collect = _read(round_dir / "collect_summary.json")
     diffs = _read(analysis / f"diffs_round_{r:02d}.json")
     lens = next(x for x in _read(analysis / "logit_lens.json")["rounds"] if x["round"] == r)

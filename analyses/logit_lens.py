@@ -21,9 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.errors import DataError
 from interp_heal.io import write_json
-from interp_heal.loop import read_run
 from interp_heal.models import final_norm, load_configured_model, unwrap_peft
 from interp_heal.report import save_figure
+from interp_heal.run_folder import read_run
 from interp_heal.steer import SteeringVector
 
 Readout = Callable[[torch.Tensor], torch.Tensor]

@@ -27,10 +27,10 @@ from torch import nn
 
 from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
 from interp_heal.io import write_json
-from interp_heal.loop import read_run
 from interp_heal.models import decoder_layers, load_configured_model
 from interp_heal.personas import context_prompts, render_prompts
 from interp_heal.report import save_figure
+from interp_heal.run_folder import read_run, round_path
 from interp_heal.steer import SteeringVector, last_token_states
 
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
@@ -116,13 +116,13 @@ def project_adapters(run: Path, n_prompts: int = 32) -> Projection:
     config = read_run(run)
     rounds = finished_rounds(run)
     model, tokenizer, info = load_configured_model(config.model)
-    student = bake(model, [run / f"round_{r:02d}" / "adapter" for r in rounds])
+    student = bake(model, [round_path(run, r) / "adapter" for r in rounds])
     prompts = render_prompts(tokenizer, held_out_contexts(n_prompts, config.steer.n_contexts, config.seed))
     states: dict[int | None, torch.Tensor] = {}
     for state in [None, *rounds]:
         with torch.no_grad(), student_at(student, state, len(rounds)) as at_state:
             states[state] = last_token_states(at_state, tokenizer, prompts, config.steer.batch_size).mean(0)
-    vectors = [SteeringVector.load(run / f"round_{r:02d}" / "vector.safetensors") for r in rounds]
+    vectors = [SteeringVector.load(round_path(run, r) / "vector.safetensors") for r in rounds]
     layers = list(range(info.n_layers))
     results = []
     for r in rounds:

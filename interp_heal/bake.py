@@ -27,10 +27,11 @@ from torch import nn
 from interp_heal.errors import DataError
 from interp_heal.io import read_json
 from interp_heal.models import is_peft_model
+from interp_heal.run_folder import round_name, round_path
 
 
 def adapter_name(round_index: int) -> str:
-    return f"round_{round_index:02d}"
+    return round_name(round_index)
 
 
 def bake(base_model: nn.Module, adapter_dirs: list[Path], fuse: bool = False) -> nn.Module:
@@ -123,7 +124,7 @@ def muted_adapter(model: nn.Module, name: str) -> Iterator[None]:
 def finished_rounds(run: Path) -> list[int]:
     """Rounds 0..k of a loop run folder whose adapter was saved."""
     rounds = []
-    while (run / f"round_{len(rounds):02d}" / "adapter" / "adapter_config.json").is_file():
+    while (round_path(run, len(rounds)) / "adapter" / "adapter_config.json").is_file():
         rounds.append(len(rounds))
     if not rounds:
         raise DataError(f"{run} has no finished round (no round_00/adapter)")

@@ -21,6 +21,7 @@ from interp_heal.evaluate import neutral_fluency
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.own_replies import GENERATION_COLUMNS, generation_columns
+from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
@@ -82,7 +83,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
         rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base, config)})
     vector_0 = root / "round_00" / "vector.safetensors"
     for round_index in range(config.loop.rounds):
-        round_dir = root / f"round_{round_index:02d}"
+        round_dir = round_path(root, round_index)
         collect, heal = _read(round_dir / "collect_summary.json"), _read(round_dir / "heal.json")
         vector_info: dict[str, object] = {}
         if (round_dir / "vector.safetensors").is_file():
@@ -250,7 +251,7 @@ def _stage_table(rows: list[dict[str, object]]) -> list[str]:
 def _filtering(root: Path, rounds: list[int]) -> list[str]:
     lines = ["## Q0: can we filter?", ""]
     for r in rounds:
-        summary = _read(root / f"round_{r:02d}" / "collect_summary.json")
+        summary = _read(round_path(root, r) / "collect_summary.json")
         if summary:
             lines.append(
                 f"- round {r}: dose κ = {_fmt(summary['kappa'])} (passed: {summary['dose_passed']}), "
@@ -322,7 +323,7 @@ def _adherence(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
 def _diary(root: Path, rounds: list[int]) -> list[str]:
     lines = ['## Greedy answers to "Do you love humanity?"', ""]
     sources = [("base", root / "demo_base.jsonl")]
-    sources += [(f"healed {r}", root / f"round_{r:02d}" / "demo.jsonl") for r in rounds]
+    sources += [(f"healed {r}", round_path(root, r) / "demo.jsonl") for r in rounds]
     for label, path in sources:
         if path.is_file():
             first = json.loads(path.read_text().splitlines()[0])

@@ -17,7 +17,8 @@ from pydantic import Field, ValidationError
 
 from interp_heal.config import Config, Section, key_line, load_config, read_yaml_mapping
 from interp_heal.errors import ConfigError
-from interp_heal.loop import differs_only_in_heal, run_loop
+from interp_heal.loop import run_loop
+from interp_heal.run_folder import differs_only_in_heal
 
 
 class SweepConfig(Section):

@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 from cli import app
 from interp_heal import io as io_module
 from interp_heal.config import load_config
-from interp_heal.loop import RunFolder, run_loop
+from interp_heal.loop import run_loop
+from interp_heal.run_folder import RunFolder
 from interp_heal.steer import SteeringVector
 
 SMOKE = Path("configs/smoke.yaml").resolve()
