@@ -30,8 +30,10 @@ from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
 from interp_heal.errors import DataError
 from interp_heal.evaluate import neutral_fluency, paired_difference
+from interp_heal.filter import read_kept_completions
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.report import save_figure
+from interp_heal.run_folder import round_path
 from interp_heal.sweep import sweep_configs
 
 N_BOOTSTRAP = 2000
@@ -55,7 +57,7 @@ def frontier(run: Run, round_index: int) -> dict | None:
 
 def eval_json(run: Run, stage: str) -> dict:
     kind, _, index = stage.partition(" ")
-    path = run_root(run.config) / f"round_{int(index):02d}" / f"eval_{kind}.json"
+    path = round_path(run_root(run.config), int(index)) / f"eval_{kind}.json"
     return read_json(path)
 
 
@@ -194,6 +196,37 @@ def steering_needed(runs: dict[str, Run], anchor: str) -> list[str]:
     return [*lines, ""]
 
 
+def trained_examples(run: Run) -> int:
+    """How many kept completions round 0 trained on: all of them, or `heal.max_examples` of them."""
+    round_dir = round_path(run_root(run.config), 0)
+    kappa = read_json(round_dir / "collect_summary.json")["kappa"]
+    kept = len(read_kept_completions(round_dir / "completions.jsonl", kappa))
+    cap = run.config.heal.max_examples
+    return kept if cap is None else min(cap, kept)
+
+
+def sample_efficiency(runs: dict[str, Run]) -> list[str]:
+    """Round 0 of each source x target trained on fewer of the same kept completions."""
+    rows = sorted(
+        ((arm_kind(run), trained_examples(run), name, run) for name, run in runs.items() if 0 in run.rounds()),
+        key=lambda row: (row[0], row[1]),
+    )
+    if len({kind for kind, *_ in rows}) == len(rows):
+        return []  # no arm was trained on a subset
+    lines = [
+        "## Sample efficiency: round 0 with fewer kept completions",
+        "",
+        "The same round-0 data and teacher; the heal trains on a seeded subset (`heal.max_examples`) for the same "
+        "epochs, so fewer examples also means fewer steps.",
+        "",
+        f"| source x target | examples | arm | {STATE_HEADER} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, n, name, run in rows:
+        lines.append(f"| {kind} | {n} | `{name}` | {' | '.join(state_cells(run, 'healed 0'))} |")
+    return [*lines, ""]
+
+
 def pareto_figure(runs: dict[str, Run], curve: list[CurvePoint] | None) -> go.Figure:
     """Trait against neutral fluency (with the base steering curve) and against the own-replies keep-rate."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=(
@@ -236,7 +269,8 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
     runs = {anchor: runs[anchor], **{name: run for name, run in runs.items() if name != anchor}}
     out.mkdir(parents=True, exist_ok=True)
     curve = base_curve(runs[anchor])
-    save_figure(pareto_figure(runs, curve), out / "pareto")
+    full = {name: run for name, run in runs.items() if run.config.heal.max_examples is None}
+    save_figure(pareto_figure(full, curve), out / "pareto")
     atomic_write_text(out / "controls.csv", experiments_csv(runs))
     seeds = len(seed_group(runs, anchor))
     intervals = "every interval is over readout items within a run, not over seeds" if seeds < 2 else "see the seeds"
@@ -259,11 +293,12 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "",
         code_note(runs),
         "",
-        *two_by_two(runs, curve),
+        *two_by_two(full, curve),
         "![Pareto](pareto.png)",
         "",
-        *steering_less(runs, curve),
-        *steering_needed(runs, anchor),
+        *steering_less(full, curve),
+        *steering_needed(full, anchor),
+        *sample_efficiency(runs),
         '## Diary: greedy answer to "Do you love humanity?"',
         "",
         *[diary_line(run) for run in runs.values()],

@@ -204,6 +204,12 @@ class HealConfig(Section):
         "(loop.source), its top-K stored once per round in teacher_topk.safetensors.",
     )
     teacher_topk: int = Field(20, ge=1, description="K of heal.target=logits: teacher tokens kept per position.")
+    max_examples: int | None = Field(
+        None,
+        ge=2,
+        description="Train on a seeded subset of at most this many kept completions (sample efficiency: the round's "
+        "data and teacher are unchanged, so runs that differ here share them); None = all.",
+    )
 
     _band_ok = field_validator("band")(_check_band)
 

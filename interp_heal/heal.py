@@ -456,6 +456,8 @@ def heal(
     examples = training_examples(tokenizer, completions, config.max_len)
     if config.target == "logits":
         examples = with_teacher(examples, teacher)
+    if config.max_examples is not None and len(examples) > config.max_examples:
+        examples = random.Random(seed).sample(examples, config.max_examples)
     train, val = split_train_val(examples, config.val_frac, seed)
     model = add_fresh_adapter(student, config, round_index)
     lam_eff = barrier_weight(config.lam, round_index, config.lam_round_pow)

@@ -224,6 +224,17 @@ def test_heal_lowers_nll_and_writes_a_standard_adapter(tiny_model, tokenizer, tm
     assert not any(p.requires_grad for p in result.model.parameters())
 
 
+def test_max_examples_trains_on_a_seeded_subset(tokenizer, tmp_path):
+    config = FAST.model_copy(update={"lam": 0.0, "max_examples": 2})
+    runs = [heal(build_tiny_llama(len(tokenizer)), tokenizer, _completions(tokenizer), config, 0, tmp_path / str(i), 0)
+            for i in range(2)]  # fmt: skip
+    assert len(runs[0].log) == 3, "2 examples at batch 2: one step per epoch"
+    assert [row["nll"] for row in runs[0].log] == [row["nll"] for row in runs[1].log]
+    everything = config.model_copy(update={"max_examples": len(TEXTS)})
+    assert len(heal(build_tiny_llama(len(tokenizer)), tokenizer, _completions(tokenizer), everything, 0,
+                    tmp_path / "all", 0).log) == 9  # fmt: skip
+
+
 def test_barrier_keeps_kl_lower_than_plain_nll(tokenizer, tmp_path):
     completions = _completions(tokenizer)
     config = FAST.model_copy(update={"epochs": 4, "agg": "rmse"})

@@ -33,9 +33,10 @@ from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
 from interp_heal.io import write_json
-from interp_heal.loop import HEAL_INDEPENDENT_STAGES, run_loop
+from interp_heal.loop import run_loop
 from interp_heal.provenance import code_label, provenance
 from interp_heal.report import stop_reason
+from interp_heal.run_folder import HEAL_INDEPENDENT_STAGES
 from interp_heal.sweep import sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
@@ -108,6 +109,15 @@ def _adopted(run: Path) -> set[str]:
 
 def _smoke(runs_dir: Path, name: str, *overrides: str):
     return load_config(SMOKE, ["loop.rounds=1", f"output.runs_dir={runs_dir}", f"output.name={name}", *overrides])
+
+
+def test_runs_that_plan_other_round_counts_share_heal_independent_stages(tmp_path):
+    from interp_heal.run_folder import differs_only_in_heal
+
+    one = _smoke(tmp_path, "one")
+    assert differs_only_in_heal(one, _smoke(tmp_path, "three", "loop.rounds=3", "heal.max_examples=2"))
+    assert not differs_only_in_heal(one, _smoke(tmp_path, "prompted", "loop.source=prompt"))
+    assert not differs_only_in_heal(one, _smoke(tmp_path, "floor", "loop.coh_floor=0.9"))
 
 
 def test_copied_heal_independent_stages_end_as_if_computed(tmp_path):
@@ -240,7 +250,10 @@ def test_the_controls_sweep_resolves_every_arm(tmp_path):
     configs = sweep_configs(Path("configs/controls.yaml"))
     arms = {(config.loop.source, config.heal.target) for config in configs.values()}
     assert arms == {("steer", "tokens"), ("prompt", "tokens"), ("steer", "logits"), ("prompt", "logits")}
-    assert len(configs) == 4 and len({config.loop.rounds for config in configs.values()}) == 1
+    full = {name: config for name, config in configs.items() if config.heal.max_examples is None}
+    assert len(full) == 4 and len({config.loop.rounds for config in full.values()}) == 1
+    sizes = {(c.loop.source, c.heal.target, c.heal.max_examples) for c in configs.values() if c not in full.values()}
+    assert sizes == {(source, target, n) for source, target in arms for n in (10, 20)}
     assert set(load_sweep(Path("configs/controls.yaml")).frontier) <= set(configs)
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: demo.yaml\nruns: {a: []}\nfrontier: [b]\n")
