@@ -51,7 +51,6 @@ from interp_heal.run_folder import (
     adopt_heal_independent_stages,
     check_readout_unchanged,
     check_stage_donor,
-    heal_independent_stages,
     prepare_run_folder,
     round_name,
     stage,
@@ -236,15 +235,14 @@ def run_loop(
     check_eval_inputs(config.eval)
     root = Path(config.output.runs_dir) / config.output.name
     check_writable(root.parent, config.output.min_free_mb)
-    if share_from is not None:
-        check_stage_donor(config, share_from)
+    shared = check_stage_donor(config, share_from) if share_from is not None else ()
     if config.model.threads is not None:
         torch.set_num_threads(config.model.threads)
     base_model, tokenizer, info = load_configured_model(config.model)
     with RunFolder(root).locked():
         folder = prepare_run_folder(config, fresh)
         if share_from is not None:
-            adopted = adopt_heal_independent_stages(folder, RunFolder(share_from), heal_independent_stages(config))
+            adopted = adopt_heal_independent_stages(folder, RunFolder(share_from), shared)
             logger.info(f"copied {len(adopted)} finished stage(s) from {share_from}: {adopted}")
         check_readout_unchanged(folder, readout)
         _run_rounds(LoopContext(config, folder, tokenizer, pair, readout, info.name), base_model, max_rounds)

@@ -177,30 +177,44 @@ def read_run(root: Path) -> Config:
 
 # Stages that read no `heal` field: runs whose configs differ only in `heal` compute them identically, so a sweep
 # copies them from the first such run instead of recomputing (everything after the first heal depends on it).
-HEAL_INDEPENDENT_STAGES = (
-    "axis/check", "base/eval", "prompt/eval", "base/demo",
-    "round_00/vector", "round_00/collect", "round_00/eval_steered",
-)  # fmt: skip
+# The base stages also read nothing of `loop.source`, so a prompt-distillation run shares them with a steering one.
+BASE_STAGES = ("axis/check", "base/eval", "prompt/eval", "base/demo")
+HEAL_INDEPENDENT_STAGES = (*BASE_STAGES, "round_00/vector", "round_00/collect", "round_00/eval_steered")
+
+
+def _same_apart_from(config: Config, other: Config, loop_fields: tuple[str, ...]) -> bool:
+    """Equal once `heal`, `output` (where a run lives) and the named `loop` fields are taken from `config`."""
+    loop = other.loop.model_copy(update={field: getattr(config.loop, field) for field in loop_fields})
+    return other.model_copy(update={"heal": config.heal, "output": config.output, "loop": loop}) == config
 
 
 def differs_only_in_heal(config: Config, other: Config) -> bool:
     """True when the two runs compute the same HEAL_INDEPENDENT_STAGES: where a run lives and how many rounds it
     plans do not count (none of those stages reads either)."""
-    loop = other.loop.model_copy(update={"rounds": config.loop.rounds})
-    return other.model_copy(update={"heal": config.heal, "output": config.output, "loop": loop}) == config
+    return _same_apart_from(config, other, ("rounds",))
 
 
-def check_stage_donor(config: Config, donor_root: Path) -> None:
-    """A run may copy stages only from a run folder whose config differs from its own in `heal` alone."""
+def shared_stages(config: Config, donor: Config) -> tuple[str, ...]:
+    """The finished stages a run may copy from a donor run: the heal-independent ones when the two differ only in
+    `heal`, the base stages when they differ also in `loop.source`, else none."""
+    if differs_only_in_heal(config, donor):
+        return heal_independent_stages(config)
+    return BASE_STAGES if _same_apart_from(config, donor, ("rounds", "source")) else ()
+
+
+def check_stage_donor(config: Config, donor_root: Path) -> tuple[str, ...]:
+    """The stages a run may copy from the run folder `donor_root` (see `shared_stages`); an error when none."""
     saved = donor_root / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"cannot share stages with {donor_root}: it is not a run folder (no config.yaml)")
     donor_config = load_config(saved)
-    if not differs_only_in_heal(config, donor_config):
+    stages = shared_stages(config, donor_config)
+    if not stages:
         raise ConfigError(
             f"cannot share stages with {donor_root}: its config differs outside `heal` "
             f"({first_difference(donor_config, config)})"
         )
+    return stages
 
 
 def heal_independent_stages(config: Config) -> tuple[str, ...]:

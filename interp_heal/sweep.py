@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 from interp_heal.config import Config, Section, key_line, load_config, read_yaml_mapping
 from interp_heal.errors import ConfigError
 from interp_heal.loop import run_loop
-from interp_heal.run_folder import differs_only_in_heal
+from interp_heal.run_folder import shared_stages
 
 
 class SweepConfig(Section):
@@ -88,10 +88,10 @@ def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
 
 
 def _stage_donor(name: str, configs: dict[str, Config], folders: dict[str, Path]) -> Path | None:
-    """An earlier run of this sweep whose config differs only in `heal`: it computed the same base evals and
-    round-0 steered data, so `name` copies those stages instead of recomputing them."""
-    config = configs[name]
-    for other, folder in folders.items():
-        if other != name and differs_only_in_heal(config, configs[other]):
-            return folder
-    return None
+    """The earlier run of this sweep `name` can copy most finished stages from (`run_folder.shared_stages`): one
+    that differs only in `heal` gives the base evals and the round-0 data, one that differs also in
+    `loop.source` the base evals alone."""
+    candidates = [(len(shared_stages(configs[name], configs[other])), folder) for other, folder in folders.items()
+                  if other != name]  # fmt: skip
+    count, donor = max(candidates, key=lambda candidate: candidate[0], default=(0, None))
+    return donor if count else None

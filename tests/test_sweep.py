@@ -111,13 +111,20 @@ def _smoke(runs_dir: Path, name: str, *overrides: str):
     return load_config(SMOKE, ["loop.rounds=1", f"output.runs_dir={runs_dir}", f"output.name={name}", *overrides])
 
 
-def test_runs_that_plan_other_round_counts_share_heal_independent_stages(tmp_path):
-    from interp_heal.run_folder import differs_only_in_heal
+def test_which_stages_runs_share(tmp_path):
+    from interp_heal.run_folder import BASE_STAGES, differs_only_in_heal, shared_stages
 
     one = _smoke(tmp_path, "one")
     assert differs_only_in_heal(one, _smoke(tmp_path, "three", "loop.rounds=3", "heal.max_examples=2"))
-    assert not differs_only_in_heal(one, _smoke(tmp_path, "prompted", "loop.source=prompt"))
-    assert not differs_only_in_heal(one, _smoke(tmp_path, "floor", "loop.coh_floor=0.9"))
+    assert shared_stages(one, _smoke(tmp_path, "three", "loop.rounds=3")) == HEAL_INDEPENDENT_STAGES
+    prompted = _smoke(tmp_path, "prompted", "loop.source=prompt")
+    assert not differs_only_in_heal(one, prompted)
+    assert shared_stages(one, prompted) == shared_stages(prompted, one) == BASE_STAGES, "the base evals only"
+    assert shared_stages(prompted, _smoke(tmp_path, "p2", "loop.source=prompt", "heal.lam=0")) == tuple(
+        stage for stage in HEAL_INDEPENDENT_STAGES if stage != "round_00/vector"
+    )
+    assert shared_stages(one, _smoke(tmp_path, "floor", "loop.coh_floor=0.9")) == ()
+    assert shared_stages(one, _smoke(tmp_path, "seed", "seed=1")) == ()
 
 
 def test_copied_heal_independent_stages_end_as_if_computed(tmp_path):
