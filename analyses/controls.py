@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from analyses.experiments import Run, code_note, diary_line, experiments_csv, read_run, run_root, seed_group
+from analyses.experiments import Run, code_note, diary_section, experiments_csv, read_run, run_root, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
 from interp_heal.errors import DataError
@@ -299,10 +299,7 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         *steering_less(full, curve),
         *steering_needed(full, anchor),
         *sample_efficiency(runs),
-        '## Diary: greedy answer to "Do you love humanity?"',
-        "",
-        *[diary_line(run) for run in runs.values()],
-        "",
+        *diary_section(runs),
     ]
     path = out / "controls.md"
     atomic_write_text(path, "\n".join(lines))

@@ -494,6 +494,10 @@ def diary_line(run: Run) -> str:
     return f"- **{run.name}**: " + " → ".join(entries)
 
 
+def diary_section(runs: dict[str, Run]) -> list[str]:
+    return ['## Diary: greedy answer to "Do you love humanity?"', "", *[diary_line(run) for run in runs.values()], ""]
+
+
 def experiments_csv(runs: dict[str, Run]) -> str:
     keys = {key: None for run in runs.values() for row in run.rows for key in row}  # ordered union
     fields = ["run", *keys]
@@ -589,10 +593,7 @@ def write_experiments_report(
         "## Every run, round by round",
         "",
         *[line for run in runs.values() for line in round_table(run)],
-        '## Diary: greedy answer to "Do you love humanity?"',
-        "",
-        *[diary_line(run) for run in runs.values()],
-        "",
+        *diary_section(runs),
     ]
     path = out / "experiments.md"
     atomic_write_text(path, "\n".join(lines))

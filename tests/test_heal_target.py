@@ -21,6 +21,7 @@ from interp_heal.models import build_tiny_llama
 from interp_heal.sequences import pad_left
 from interp_heal.steer import SteeringVector, steered_logits
 from interp_heal.teacher import compute_teacher_topk, teacher_inputs, teacher_topk
+from tests.test_heal import _randomise_lora_b
 
 CPU = torch.device("cpu")
 # Readouts the loop test does not look at (it is about the teacher stage).
@@ -42,14 +43,6 @@ def _completions(tokenizer, texts=TEXTS, coeffs=None):
         Completion("Give me one tip.", text, coeff, tokenizer(text, add_special_tokens=False)["input_ids"], "length", 0)
         for text, coeff in zip(texts, coeffs, strict=True)
     ]
-
-
-def _randomise_lora_b(model, name, scale=0.05, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "lora_B" in parameter_name and f".{name}." in parameter_name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def _student(tokenizer):
