@@ -55,6 +55,10 @@ def frontier(run: Run, round_index: int) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+def eval_json_at(run: Run, relative: str) -> dict:
+    return read_json(run_root(run.config) / relative)
+
+
 def eval_json(run: Run, stage: str) -> dict:
     kind, _, index = stage.partition(" ")
     path = round_path(run_root(run.config), int(index)) / f"eval_{kind}.json"
@@ -118,6 +122,29 @@ def two_by_two(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str
     return [*lines, ""]
 
 
+def own_frontier_gain(run: Run, r: int, anchor: Run, curve: list[CurvePoint], point: CurvePoint) -> dict | None:
+    """The gain on the run's own round-r frontier; for a round 0 steered with the anchor's own vector (shared
+    stages) that frontier is the base curve itself, so it is not measured twice."""
+    result = frontier(run, r)
+    if result is not None:
+        return result["gain"]
+    vector = round_path(run_root(run.config), 0) / "vector.safetensors"
+    anchor_vector = round_path(run_root(anchor.config), 0) / "vector.safetensors"
+    if r == 0 and vector.is_file() and vector.read_bytes() == anchor_vector.read_bytes():
+        return healing_gain(curve, point, N_BOOTSTRAP)
+    return None
+
+
+def prompting_line(anchor: Run, curve: list[CurvePoint]) -> str:
+    stage = "prompt-baseline"
+    trait = eval_json_at(anchor, "eval_prompt.json")["trait"]
+    point = CurvePoint(math.nan, trait["log_odds"], fluency(anchor, stage), math.nan, trait["per_item"])
+    return (
+        f"The prompting baseline (the pos persona as system prompt, no training) against the same curve: trait "
+        f"{point.trait:.3f} at fluency {point.coherence:.3f}, {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))}."
+    )
+
+
 def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
     """Q4, from the steer arms' own per-round frontiers and the base curve."""
     lines = ["## Q4: is healing more than steering less?", ""]
@@ -131,19 +158,19 @@ def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[
         "equal trait | gain over the base curve [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
+    anchor = next(iter(runs.values()))
     for name, run in runs.items():
         if run.config.loop.source != "steer":
             continue
         for r in run.rounds():
-            own = frontier(run, r)
             point = student_point(run, r)
-            own_gain = own["gain"] if own else None
-            fluency_gain = _f(own_gain["coherence_gain"]) if own_gain else "-"
+            own_gain = own_frontier_gain(run, r, anchor, curve, point)
+            fluency_gain = f"{own_gain['coherence_gain']:+.3f}" if own_gain else "-"
             lines.append(
                 f"| `{name}` | {r} | {point.trait:.3f} / {point.coherence:.3f} | {gain_cell(own_gain)} | "
                 f"{fluency_gain} | {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))} |"
             )
-    return [*lines, "", *verdicts(runs, curve, "steer"), ""]
+    return [*lines, "", *verdicts(runs, curve, "steer"), "", prompting_line(anchor, curve), ""]
 
 
 def verdicts(runs: dict[str, Run], curve: list[CurvePoint], source: str) -> list[str]:
