@@ -61,6 +61,9 @@ def test_static_report_has_no_javascript(smoke_run, tmp_path):
     result = CliRunner().invoke(app, ["report", "--run", str(smoke_run), "--out", str(tmp_path), "--static"])
     assert result.exit_code == 0, result.output
     index = (tmp_path / "index.html").read_text()
-    assert "<script" not in index and index.count("data:image/png;base64,") == 2
+    # Trajectory and adapter projection always; the frontier figure too once `cli.py frontier` ran on this run
+    # (test_frontier does, on the shared smoke run).
+    figures = 2 + (smoke_run / "analysis" / "frontier.json").is_file()
+    assert "<script" not in index and index.count("data:image/png;base64,") == figures
     errors, dom = load_in_chromium(tmp_path / "round_01.html", tmp_path / "static.png")
     assert errors == [] and "Greedy generations" in dom
