@@ -300,7 +300,7 @@ def format_eval(result: dict) -> str:
         nats = ", ".join(f"{k} {v:+.2f}" for k, v in result["nats"].items())
         lines.append(
             f"MFV ({result['n_rows']} rows, {result['think_tokens']} think, compat {result['mfv_compat']}): {nats}; "
-            f"answer-token mass {result['coherence']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
+            f"answer-token mass {result['mfv_answer_mass']:.3f}, top-1 vs humans {result['top1_acc']:.2f}"
         )
     if "adherence" in result:
         adherence = result["adherence"]

@@ -14,17 +14,18 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from interp_heal.coherence import mfv_answer_mass
 from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import evaluate
 from interp_heal.io import read_json, write_json
-from interp_heal.mfv import FOUNDATIONS, Steering
+from interp_heal.mfv import FOUNDATIONS
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import readout_items
 from interp_heal.personas import context_prompts, persona_pair
 from interp_heal.report import save_figure
 from interp_heal.run_folder import read_run, round_path
-from interp_heal.steer import extract_steering_vector
+from interp_heal.steer import Steering, extract_steering_vector
 
 STATES = ("base", "steered", "prompt")
 
@@ -77,7 +78,7 @@ def axis_table(evaluations: dict[str, dict]) -> AxisTable:
     rows.sort(key=lambda row: abs(row["delta_steered"]), reverse=True)
     return AxisTable(
         rows=rows,
-        coherence={state: evaluations[state]["coherence"] for state in STATES},
+        coherence={state: mfv_answer_mass(evaluations[state]) for state in STATES},
         trait_log_odds={state: evaluations[state]["trait"]["log_odds"] for state in STATES},
         most_moved_by_vector=rows[0]["foundation"],
         most_moved_by_prompt=max(rows, key=lambda row: abs(row["delta_prompt"]))["foundation"],

@@ -25,6 +25,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analyses.project_adapters import adapter_file_projection
+from interp_heal.coherence import renamed_columns
 from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text, read_jsonl
@@ -38,7 +39,9 @@ from interp_heal.sweep import sweep_configs
 OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
 # The readouts every verdict is judged on, and the shape of the per-token KL tail on held-out answers (what the
 # "rmse catches spiky incoherence" story is about: at equal strength, a thinner tail under rmse than under mean).
-READOUTS = {"loop_coherence": "coherence", "trait_log_odds": "trait"}
+# Every sweep's coherence verdicts read neutral fluency, the readout that sees coherence at 135M, whichever quantity
+# a run's own floor reads (`loop.coherence`).
+READOUTS = {"neutral_fluency": "neutral fluency", "trait_log_odds": "trait"}
 CONTROLS_POINTER = (
     "Q4 (is healing more than steering less?), Q5 (is steering needed at all, against prompt distillation?) and "
     "samples or distributions (the tokens vs logits objective) are the controls sweep's: "
@@ -244,8 +247,8 @@ def round_cells(run: Run, r: int) -> list[str]:
     ci = f"[{_f(run.value(healed, 'trait_ci_low'))}, {_f(run.value(healed, 'trait_ci_high'))}]"
     return [
         str(r), _f(run.value(steered, "trait_log_odds")), f"{_f(run.value(healed, 'trait_log_odds'))} {ci}",
-        _f(distilled_fraction(run, r), 2), _f(run.value(healed, "loop_coherence")),
-        _f(run.value(healed, "coherence")),
+        _f(distilled_fraction(run, r), 2), _f(run.value(healed, "neutral_fluency")),
+        _f(run.value(healed, "mfv_answer_mass")),
         f"{_f(run.value(healed, 'care_nats'), 2)} / {_f(run.value(healed, 'auth_nats'), 2)}",
         most_moved_off_target(run, healed), _f(run.value(steered, "keep_rate"), 2),
         " / ".join(_f(run.value(healed, f"neutral_kl_{agg}")) for agg in ("mean", "rmse", "p95", "max")),
@@ -276,7 +279,7 @@ def _describe(config: Config) -> str:
 
 def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
     group = seed_group(runs, anchor)
-    trait, coherence = seed_band(group, "trait_log_odds"), seed_band(group, "loop_coherence")
+    trait, coherence = seed_band(group, "trait_log_odds"), seed_band(group, "neutral_fluency")
     prompt = runs[anchor]
     prompt_high = prompt.value("prompt-baseline", "trait_ci_high")
     baseline = prompt.value("prompt-baseline", "trait_log_odds")
@@ -284,7 +287,7 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
         "## Q1: does healing move the trait further than the prompting baseline, at equal or better coherence?", "",
         f"Prompting baseline (pos persona as system prompt, base model): trait {_f(baseline)} "
         f"[{_f(prompt.value('prompt-baseline', 'trait_ci_low'))}, {_f(prompt_high)}], coherence "
-        f"{_f(prompt.value('prompt-baseline', 'loop_coherence'))} ({_prompted_fluency(prompt)}). Healed "
+        f"{_f(prompt.value('prompt-baseline', 'neutral_fluency'))} ({_prompted_fluency(prompt)}). Healed "
         f"`{anchor}` over {len(group)} seed(s), mean [min, max] per round:", "",
         "| round | healed trait (seeds) | healed coherence | beats the baseline's upper CI in every seed? |",
         "|---|---|---|---|",
@@ -297,7 +300,7 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
             f"| {_f(c.mean)} [{_f(c.low)}, {_f(c.high)}] | {verdict} |"
         )
     beaten = [r for r, band in trait.items() if band.low > prompt_high]
-    prompt_coherence = prompt.value("prompt-baseline", "loop_coherence")
+    prompt_coherence = prompt.value("prompt-baseline", "neutral_fluency")
     matched = [r for r in beaten if coherence.get(r, NO_BAND).low >= prompt_coherence]
     if not beaten:
         answer = "no: in no round does the healed trait exceed the prompting baseline's upper CI in every seed."
@@ -326,8 +329,8 @@ def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: st
     rounds = sorted({r for arm in present for r in runs[arm].rounds()})
     for r in rounds:
         cells = [f"{_f(runs[a].value(f'healed {r}', 'trait_log_odds'))} / "
-                 f"{_f(runs[a].value(f'healed {r}', 'loop_coherence'))}" for a in present]  # fmt: skip
-        bands = [noise[key].get(r, NO_BAND) for key in ("trait_log_odds", "loop_coherence")]
+                 f"{_f(runs[a].value(f'healed {r}', 'neutral_fluency'))}" for a in present]  # fmt: skip
+        bands = [noise[key].get(r, NO_BAND) for key in ("trait_log_odds", "neutral_fluency")]
         widths = f"{_f(bands[0].spread)} / {_f(bands[1].spread)} ({bands[0].n})"
         lines.append(f"| {r} | {' | '.join(cells)} | {widths} |")
     lines += ["", *differences(runs, [arm for arm in present if arm != anchor], noise), ""]
@@ -399,7 +402,7 @@ def coherence_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list
     noise = seed_noise(runs, anchor)
     lines = []
     for arm in [a for a in arms if runs[a].config.heal.agg == "mean"]:
-        coherence = judged_rounds(runs[arm], "loop_coherence", noise["loop_coherence"])
+        coherence = judged_rounds(runs[arm], "neutral_fluency", noise["neutral_fluency"])
         if coherence["lower"]:
             held = f"rounds {coherence['lower']}"
         elif coherence["higher"] or coherence["within"]:
@@ -427,7 +430,7 @@ def reference_answer(runs: dict[str, Run], anchor: str, arms: list[str]) -> list
 
 
 def _judged_readouts(run: Run, noise: dict[str, dict[int, Band]]) -> str:
-    coherence = judged_rounds(run, "loop_coherence", noise["loop_coherence"])
+    coherence = judged_rounds(run, "neutral_fluency", noise["neutral_fluency"])
     trait = judged_rounds(run, "trait_log_odds", noise["trait_log_odds"])
     return f"Coherence: {_rounds_phrase(coherence)}. Trait: {_rounds_phrase(trait)}."
 
@@ -442,7 +445,7 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
     present = [arm for arm in arms if arm in runs]
     colors = {arm: qualitative.Plotly[i % len(qualitative.Plotly)] for i, arm in enumerate(present)}
     group = seed_group(runs, anchor)
-    for col, key in ((1, "trait_log_odds"), (2, "loop_coherence")):
+    for col, key in ((1, "trait_log_odds"), (2, "neutral_fluency")):
         band = seed_band(group, key)
         rounds = list(band)
         figure.add_trace(go.Scatter(x=rounds + rounds[::-1], y=[band[r].high for r in rounds] +
@@ -458,12 +461,12 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
         run = runs[arm]
         figure.add_trace(go.Scatter(
             x=[run.value(f"healed {r}", "trait_log_odds") for r in run.rounds()],
-            y=[run.value(f"healed {r}", "loop_coherence") for r in run.rounds()],
+            y=[run.value(f"healed {r}", "neutral_fluency") for r in run.rounds()],
             text=[str(r) for r in run.rounds()], mode="lines+markers+text", textposition="top center", name=arm,
             showlegend=False, legendgroup=arm, line={"color": colors[arm]}), row=1, col=3)  # fmt: skip
     prompt = runs[anchor]
     figure.add_trace(go.Scatter(x=[prompt.value("prompt-baseline", "trait_log_odds")],
-                                y=[prompt.value("prompt-baseline", "loop_coherence")], mode="markers",
+                                y=[prompt.value("prompt-baseline", "neutral_fluency")], mode="markers",
                                 marker={"symbol": "x", "size": 12, "color": "black"}, name="prompting baseline"),
                      row=1, col=3)  # fmt: skip
     figure.add_hline(y=prompt.value("prompt-baseline", "trait_log_odds"), line_dash="dash",
@@ -514,7 +517,7 @@ def reproduction_section(runs: dict[str, Run], earlier_csv: Path) -> list[str]:
     """Per round, the largest |difference| in healed trait and coherence between these runs and the same-named
     runs of an earlier sweep's experiments.csv (same configs, another machine or code version)."""
     with earlier_csv.open() as handle:
-        earlier = {(row["run"], row["stage"]): row for row in csv.DictReader(handle)}
+        earlier = {(row["run"], row["stage"]): renamed_columns(row) for row in csv.DictReader(handle)}
     lines = [
         f"## Reproduction against `{earlier_csv}`", "",
         "The same configs run again; per round, the largest difference over the runs present in both.", "",
@@ -525,7 +528,7 @@ def reproduction_section(runs: dict[str, Run], earlier_csv: Path) -> list[str]:
         if not shared:
             continue
         cells = []
-        for key in ("trait_log_odds", "loop_coherence"):
+        for key in ("trait_log_odds", "neutral_fluency"):
             before = {n: float(earlier[(n, f"healed {r}")][key] or "nan") for n in shared}
             gaps = {n: abs(runs[n].value(f"healed {r}", key) - before[n]) for n in shared}
             worst = max(gaps, key=lambda n: gaps[n])

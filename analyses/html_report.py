@@ -20,6 +20,7 @@ from analyses.frontier import frontier_figure
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import Projection, projection_figure, run_project_adapters
 from interp_heal.bake import bake, finished_rounds, student_at
+from interp_heal.coherence import LABELS, floor_column
 from interp_heal.config import Config
 from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_json, read_jsonl, write_json
@@ -38,10 +39,11 @@ td.text { max-width: 480px; white-space: pre-wrap; }
 nav a { margin-right: 1em; }
 .note { color: #555; font-size: 14px; }
 """
-STAGE_HEADER = ["stage", "trait log-odds", "95% CI", "coherence", "neutral NLL", "neutral KL rmse", "adherence",
+# "{floor}": the label of the quantity the run's coherence floor reads (`coherence.floor_column`).
+STAGE_HEADER = ["stage", "trait log-odds", "95% CI", "{floor}", "neutral NLL", "neutral KL rmse", "adherence",
                 "adherence 95% CI", "own replies kept", "own replies tail ppl", "care nats", "auth nats", "kept",
                 "kappa"]  # fmt: skip
-ROUND_HEADER = ["round", "kappa", "trait steered", "trait healed", "coherence steered", "coherence healed",
+ROUND_HEADER = ["round", "kappa", "trait steered", "trait healed", "{floor} steered", "{floor} healed",
                 "KL rmse steered", "KL rmse healed", "trait retained", "incoherence retained"]  # fmt: skip
 DIRECTION_HEADER = ["layer", "trait proj. steered", "trait proj. healed", "trait retained",
                     "incoherence share steered", "incoherence share healed", "incoherence retained"]  # fmt: skip
@@ -91,6 +93,10 @@ def _figure(figure: go.Figure, static: bool, first: bool) -> str:
         png = base64.b64encode(figure.to_image(format="png")).decode()
         return f'<img alt="{html.escape(figure.layout.title.text or "figure")}" src="data:image/png;base64,{png}">'
     return figure.to_html(full_html=False, include_plotlyjs=first)
+
+
+def _headers(header: list[str], floor: str) -> list[str]:
+    return [name.format(floor=LABELS[floor]) for name in header]
 
 
 def _table(header: list[str], rows: list[list[object]], text_columns: tuple[int, ...] = ()) -> str:
@@ -147,9 +153,10 @@ def _band_mean(diffs: dict, key: str) -> float | None:
 def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> str:
     rows = metric_rows(run, config)
     analysis = run / "analysis"
+    floor = floor_column(config)
     stage_rows = [
         [row["stage"], row.get("trait_log_odds"), _ci(row),
-         row.get("loop_coherence"), row.get("neutral_nll"), row.get("neutral_kl_rmse"), row.get("adherence"),
+         row.get(floor), row.get("neutral_nll"), row.get("neutral_kl_rmse"), row.get("adherence"),
          f"[{_cell(row.get('adherence_ci_low'))}, {_cell(row.get('adherence_ci_high'))}]",
          row.get("generation_keep_rate"), row.get("generation_tail_ppl"), row.get("care_nats"),
          row.get("auth_nats"), row.get("kept"), row.get("kappa")]
@@ -162,7 +169,7 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
         steered, healed = by_stage.get(f"steered {r}", {}), by_stage.get(f"healed {r}", {})
         round_rows.append([
             f"round {r}", steered.get("kappa"), steered.get("trait_log_odds"), healed.get("trait_log_odds"),
-            steered.get("loop_coherence"), healed.get("loop_coherence"),
+            steered.get(floor), healed.get(floor),
             diffs.get("kl_steered", {}).get("rmse"), diffs.get("kl_healed", {}).get("rmse"),
             _band_mean(diffs, "trait_retained"), _band_mean(diffs, "incoherence_retained"),
         ])  # fmt: skip
@@ -177,11 +184,11 @@ def index_page(run: Path, config: Config, rounds: list[int], static: bool) -> st
         "<h2>Trajectory</h2>",
         _figure(trajectory_figure(rows, config), static, first=True),
         "<h2>Every stage</h2>",
-        _table(STAGE_HEADER, stage_rows),
+        _table(_headers(STAGE_HEADER, floor), stage_rows),
         "<h2>Per round: did healing keep the trait and remove the incoherence?</h2>",
         "<p class='note'>KL to base on the round's kept completions; trait / incoherence retained = healed / "
         "steered, mean over the steered band (1 = kept, 0 = removed); see the round pages.</p>",
-        _table(ROUND_HEADER, round_rows),
+        _table(_headers(ROUND_HEADER, floor), round_rows),
         "<h2>Adapters projected on the steering vector</h2>",
         _figure(projection_figure_from_json(analysis / "project_adapters.json"), static, first=False),
         *_frontier_section(analysis / "frontier.json", static),
@@ -249,6 +256,11 @@ def round_page(run: Path, config: Config, r: int, rounds: list[int], static: boo
          row["incoherence_share_steered"], row["incoherence_share_healed"], row["incoherence_retained"]]
         for row in diffs["layers"] if row["layer"] in band
     ]  # fmt: skip
+    probe_rows = [
+        [row["layer"], row["steered"]["accuracy"], row["steered"]["cos_vector"], row["healed"]["accuracy"],
+         row["healed"]["cos_vector"]]
+        for row in diffs.get("probes", [])
+    ]  # fmt: skip
     lens_rows = [
         [row["layer"], ", ".join(t for t, _ in row["promoted"]), ", ".join(t for t, _ in row["suppressed"])]
         for row in lens["layers"]
@@ -278,12 +290,27 @@ def round_page(run: Path, config: Config, r: int, rounds: list[int], static: boo
         f"{diffs['layers'][0]['incoherence_dims']}-dimensional subspace would hold a share of "
         f"{_cell(diffs['random_share'])}.</p>",
         _table(DIRECTION_HEADER, direction_rows),
+        *_probe_section(probe_rows),
         "<h2>Logit lens of v_r</h2>",
         _table(["layer", "promoted", "suppressed"], lens_rows, text_columns=(1, 2)),
         "<h2>Greedy generations: base / steered / healed</h2>",
         _table(["prompt", "base", f"steered (round {r})", f"healed (round {r})"], generation_rows, (0, 1, 2, 3)),
     ]
     return _page(f"Run {config.output.name}: round {r}", nav, sections)
+
+
+def _probe_section(rows: list[list[object]]) -> list[str]:
+    """Nothing for diffs computed before the probes existed."""
+    if not rows:
+        return []
+    note = (
+        "<p class='note'>A logistic-regression probe per band layer separates the base's states from the "
+        "steered / healed model's on the same kept completions (mean-pooled per completion, folds grouped by "
+        "completion): held-out accuracy (0.5 = no linear trace) and the cosine of its weight with v_r.</p>"
+    )
+    header = ["layer", "accuracy base vs steered", "cos(probe, v) steered", "accuracy base vs healed",
+              "cos(probe, v) healed"]  # fmt: skip
+    return ["<h3>Linear probes: is the change still visible, and along v?</h3>", note, _table(header, rows)]
 
 
 def write_html_report(run: Path, out: Path | None = None, static: bool = False, compute: bool = True) -> Path:

@@ -37,7 +37,7 @@ def main() -> None:
     lines = [f"| {stage} | {value:.1f} |" for stage, value in {**per_round, **once}.items()]
     total = sum(per_round.values())
     outcome = [
-        f"| {row['stage']} | {float(row['trait_log_odds']):.3f} | {float(row['loop_coherence']):.3f} |"
+        f"| {row['stage']} | {float(row['trait_log_odds']):.3f} | {float(row['neutral_fluency']):.3f} |"
         for row in metrics
     ]
     report = "\n".join([
@@ -48,7 +48,7 @@ def main() -> None:
         f"One round: **{total:.0f} s ({total / 60:.1f} min)**; once per run: {sum(once.values()):.0f} s. "
         f"Peak RSS of the whole run: {peak_rss_gb():.2f} GB. Goals: a round <= 4 min, peak RSS <= 4 GB.", "",
         "What the round measured (so a faster setting can be checked for the same outcome):", "",
-        "| stage | trait log-odds | coherence |", "|---|---|---|", *outcome, "",
+        "| stage | trait log-odds | neutral fluency |", "|---|---|---|", *outcome, "",
     ])  # fmt: skip
     print(report)
     args.out.write_text(report)

@@ -62,7 +62,7 @@ def run(model_spec: str, think: int, variant: str, batch_size: int) -> Path:
     record = {
         "model": model_spec, "think_tokens": think, "variant": variant, "quirks": asdict(VARIANTS[variant]),
         "n_rows": len(rows), "batch_size": batch_size, "seconds": seconds, "machine": machine_line(),
-        "profile": summary["profile"], "coherence": summary["coherence"], "top1_acc": summary["top1_acc"],
+        "profile": summary["profile"], "mfv_answer_mass": summary["mfv_answer_mass"], "top1_acc": summary["top1_acc"],
         "nll_prefill": summary["nll_prefill"], "top1": [row["top1"] for row in summary["per_row"]],
         "option_lp": frames["option_lp"].round(decimals=4).tolist(),
     }  # fmt: skip
@@ -79,8 +79,8 @@ def compare(run: dict, base: dict) -> dict[str, object]:
         "variant": run["variant"],
         **{f"profile_{f}": round(run["profile"][f], 4) for f in FOUNDATIONS},
         "max_abs_profile_diff": round(max(abs(d) for d in profile_diff.values()), 4),
-        "answer_mass": round(run["coherence"], 4),
-        "answer_mass_diff": round(run["coherence"] - base["coherence"], 4),
+        "answer_mass": round(run["mfv_answer_mass"], 4),
+        "answer_mass_diff": round(run["mfv_answer_mass"] - base["mfv_answer_mass"], 4),
         "top1_acc": round(run["top1_acc"], 4),
         "top1_same_as_none": round(sum(a == b for a, b in zip(run["top1"], base["top1"], strict=True)) / len(lp), 4),
         "mean_abs_option_lp_diff": round(float((lp - base_lp).abs().mean()), 4),

@@ -13,7 +13,6 @@ rerunning the same command skips what is done and a killed run loses at most the
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,12 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from interp_heal.adherence import adherence_ratio
 from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
+from interp_heal.coherence import floor_column, floor_value
 from interp_heal.config import Config
-from interp_heal.errors import AxisNotExpressibleError, DataError
-from interp_heal.evaluate import check_eval_inputs, evaluate, neutral_fluency, write_eval
+from interp_heal.errors import AxisNotExpressibleError
+from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
 from interp_heal.filter import (
     Collection,
     ScoredCompletion,
@@ -39,7 +38,6 @@ from interp_heal.filter import (
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
 from interp_heal.io import check_writable, write_json
-from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
 from interp_heal.own_replies import own_reply_readouts
 from interp_heal.paired_items import ReadoutItems, overlapping_ids, readout_items
@@ -55,7 +53,7 @@ from interp_heal.run_folder import (
     round_name,
     stage,
 )
-from interp_heal.steer import SteeringVector, extract_steering_vector
+from interp_heal.steer import Steering, SteeringVector, extract_steering_vector
 from interp_heal.teacher import TeacherTopK, teacher_topk
 
 DEMO_PROMPTS = (
@@ -201,23 +199,6 @@ def run_round(ctx: LoopContext, student: nn.Module, round_index: int) -> nn.Modu
     return student
 
 
-def loop_coherence(config: Config, result: dict, base: dict) -> float:
-    """The coherence the floor applies to, in (0, 1]: MFV answer-token mass, or neutral-text fluency relative
-    to the base (exp(base NLL - NLL): 1 = as fluent as the base, 0.5 = NLL up by ln 2 nats per token), or task
-    adherence as a share of the base's."""
-    if config.loop.coherence == "mfv":
-        return float(result["coherence"])
-    if config.loop.coherence == "adherence":
-        share = adherence_ratio(result, base)
-        if math.isnan(share):
-            raise DataError(
-                f"loop.coherence=adherence: base adherence {(base.get('adherence') or {}).get('pmi')} is not > 0, so "
-                "a share of it means nothing on this model; use loop.coherence=neutral"
-            )
-        return share
-    return neutral_fluency(result["neutral_nll"], base["neutral_nll"])
-
-
 def run_loop(
     config: Config, fresh: bool = False, max_rounds: int | None = None, share_from: Path | None = None
 ) -> Path:
@@ -285,9 +266,10 @@ def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None)
         student = run_round(ctx, student, round_index)
         write_metrics(folder.root, config)
         healed = json.loads((folder.round_dir(round_index) / "eval_healed.json").read_text())
-        coherence = loop_coherence(config, healed, base_eval)
+        coherence = floor_value(config, healed, base_eval)
         if coherence < config.loop.coh_floor:
-            reason = f"healed coherence {coherence:.3f} < coh_floor {config.loop.coh_floor} after round {round_index}"
+            quantity = floor_column(config)
+            reason = f"healed {quantity} {coherence:.3f} < coh_floor {config.loop.coh_floor} after round {round_index}"
             write_json(folder.root / "stopped.json", {"round": round_index, "reason": reason})
             folder.event("early_stop", reason=reason)
             logger.warning(reason)

@@ -29,7 +29,7 @@ from interp_heal.errors import ConfigError, DataError
 from interp_heal.io import read_text
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import pad_left, position_ids_from_mask
-from interp_heal.steer import SteeringVector, steered_generate, steered_logits
+from interp_heal.steer import Steering, steered_generate, steered_logits
 
 DATA_ENV = "INTERP_HEAL_MFV_DATA"
 FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "SocialNorms")
@@ -248,18 +248,6 @@ def _split_at_sentinel(rendered: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- scoring
 
 
-@dataclass(frozen=True)
-class Steering:
-    """An optional steering vector active for a whole evaluation."""
-
-    vector: SteeringVector | None = None
-    coeff: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.vector is not None and self.coeff != 0
-
-
 def _answer_from_scratch(model, tokenizer, prompt_ids, tail_ids, prefill_len, steering):
     """No think: one forward over prompt + forced suffix + answer prefill."""
     device = next(model.parameters()).device
@@ -393,7 +381,7 @@ def summarise_mfv(protocol: Protocol, rows: list[Vignette], frames: dict[str, to
         "nats": nats,
         "care_nats": nats["Care"],
         "auth_nats": nats["Authority"],
-        "coherence": float(frames["pmass"].mean()),
+        "mfv_answer_mass": float(frames["pmass"].mean()),
         "nll_prefill": float(frames["nll_prefill"].mean()),
         "top1_acc": float((score.argmax(-1) == human.argmax(-1)).float().mean()),
         "soft_nll": float(-(human * torch.log(p_row)).sum(-1).mean()),

@@ -15,9 +15,9 @@ import plotly.graph_objects as go
 from loguru import logger
 from plotly.subplots import make_subplots
 
-from interp_heal.adherence import adherence_columns, adherence_ratio
+from interp_heal.adherence import adherence_columns
+from interp_heal.coherence import COHERENCE_COLUMNS, LABELS, coherence_columns, floor_column
 from interp_heal.config import Config
-from interp_heal.evaluate import neutral_fluency
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.own_replies import GENERATION_COLUMNS, generation_columns
@@ -25,11 +25,11 @@ from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
-    "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", "loop_coherence", "neutral_nll",
+    "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", *COHERENCE_COLUMNS, "neutral_nll",
     "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "adherence", "adherence_ci_low",
     "adherence_ci_high", "adherence_nll", *GENERATION_COLUMNS, "care_nats", "auth_nats",
     *[f"nats_{f}" for f in FOUNDATIONS],
-    "coherence", "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
+    "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
     "vector_cos_r0", "vector_norm",
 )  # fmt: skip
@@ -44,7 +44,7 @@ def stop_reason(root: Path) -> str:
     return str(_read(root / "stopped.json").get("reason", ""))
 
 
-def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]:
+def _eval_columns(result: dict, base: dict) -> dict[str, object]:
     trait = result.get("trait", {})
     row: dict[str, object] = {
         "trait_log_odds": trait.get("log_odds"),
@@ -57,19 +57,13 @@ def _eval_columns(result: dict, base: dict, config: Config) -> dict[str, object]
         "neutral_kl_max": result.get("neutral_kl_max"),
         "care_nats": result.get("care_nats"),
         "auth_nats": result.get("auth_nats"),
-        "coherence": result.get("coherence"),
         "nll_prefill": result.get("nll_prefill"),
         "top1_acc": result.get("top1_acc"),
         **{f"nats_{f}": result.get("nats", {}).get(f) for f in FOUNDATIONS},
         **adherence_columns(result),
         **generation_columns(result),
+        **coherence_columns(result, base),
     }
-    if config.loop.coherence == "mfv":
-        row["loop_coherence"] = result.get("coherence")
-    elif config.loop.coherence == "adherence":
-        row["loop_coherence"] = adherence_ratio(result, base)
-    elif result.get("neutral_nll") is not None and base.get("neutral_nll") is not None:
-        row["loop_coherence"] = neutral_fluency(result["neutral_nll"], base["neutral_nll"])
     return row
 
 
@@ -77,10 +71,10 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
     base = _read(root / "eval_base.json")
     rows: list[dict[str, object]] = []
     if base:
-        rows.append({"stage": "base", "round": -1, **_eval_columns(base, base, config)})
+        rows.append({"stage": "base", "round": -1, **_eval_columns(base, base)})
     prompt = _read(root / "eval_prompt.json")
     if prompt:
-        rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base, config)})
+        rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base)})
     vector_0 = root / "round_00" / "vector.safetensors"
     for round_index in range(config.loop.rounds):
         round_dir = round_path(root, round_index)
@@ -95,7 +89,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
         steered = _read(round_dir / "eval_steered.json")
         if steered:
             rows.append({
-                "stage": f"steered {round_index}", "round": round_index, **_eval_columns(steered, base, config),
+                "stage": f"steered {round_index}", "round": round_index, **_eval_columns(steered, base),
                 "kept": collect.get("kept_at_dose"), "generated": collect.get("generated"),
                 "keep_rate": collect.get("keep_rate"), "kappa": collect.get("kappa"),
                 "eval_coeff": collect.get("eval_coeff"), **vector_info,
@@ -103,7 +97,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
         healed = _read(round_dir / "eval_healed.json")
         if healed:
             rows.append({
-                "stage": f"healed {round_index}", "round": round_index, **_eval_columns(healed, base, config),
+                "stage": f"healed {round_index}", "round": round_index, **_eval_columns(healed, base),
                 "train_nll": heal.get("last_nll"), "train_kl_mean": heal.get("last_kl_mean"),
                 "train_kl_rmse": heal.get("last_kl_rmse"), "train_kl_p95": heal.get("last_kl_p95"),
                 "train_kl_max": heal.get("last_kl_max"), "val_nll": heal.get("val_nll"),
@@ -132,14 +126,15 @@ def _value(row: dict, key: str) -> float:
 
 
 def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figure:
-    """Trait per stage (prompt baseline as a line), log(1 - coherence) with the floor, care-vs-authority map,
+    """Trait per stage (prompt baseline as a line), log(1 - the floor's quantity) with the floor, care-vs-authority map,
     task adherence (prompt baseline as a line), generation coherence (the filter's keep-rate of own replies)."""
     path = [r for r in rows if r["stage"] != "prompt-baseline"]
     prompt = next((r for r in rows if r["stage"] == "prompt-baseline"), None)
     labels = [str(r["stage"]) for r in path]
+    floor = floor_column(config)
     figure = make_subplots(
         rows=1, cols=5, column_widths=[0.24, 0.19, 0.19, 0.19, 0.19],
-        subplot_titles=("trait log-odds (nats/token)", "log(1 - coherence)", "care vs authority (MFV nats)",
+        subplot_titles=("trait log-odds (nats/token)", f"log(1 - {LABELS[floor]})", "care vs authority (MFV nats)",
                         "task adherence (PMI, nats/token)", "own replies the filter keeps"),
     )  # fmt: skip
     trait = [_value(r, "trait_log_odds") for r in path]
@@ -155,10 +150,10 @@ def trajectory_figure(rows: list[dict[str, object]], config: Config) -> go.Figur
     if prompt is not None:
         figure.add_hline(y=_value(prompt, "trait_log_odds"), line_dash="dash", line_color="#1f77b4",
                          annotation_text="prompting baseline", row=1, col=1)  # fmt: skip
-    coherence = [_value(r, "loop_coherence") for r in path]
+    coherence = [_value(r, floor) for r in path]
     figure.add_trace(
         go.Scatter(x=labels, y=[math.log(max(1e-6, 1 - c)) if not math.isnan(c) else math.nan for c in coherence],
-                   mode="lines+markers", marker={"color": colors, "size": 9}, name="log(1 - coherence)"),
+                   mode="lines+markers", marker={"color": colors, "size": 9}, name=f"log(1 - {LABELS[floor]})"),
         row=1, col=2,
     )  # fmt: skip
     figure.add_hline(y=math.log(1 - config.loop.coh_floor), line_dash="dot", line_color="black",
@@ -228,9 +223,9 @@ def _fmt(value: object, digits: int = 3) -> str:
     )
 
 
-def _stage_table(rows: list[dict[str, object]]) -> list[str]:
+def _stage_table(rows: list[dict[str, object]], floor: str) -> list[str]:
     lines = [
-        "| stage | trait log-odds [95% CI] | coherence | neutral NLL | KL rmse to base | adherence [95% CI] "
+        f"| stage | trait log-odds [95% CI] | {LABELS[floor]} | neutral NLL | KL rmse to base | adherence [95% CI] "
         "| own replies: base NLL / tail ppl / kept | care / auth nats |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -242,7 +237,7 @@ def _stage_table(rows: list[dict[str, object]]) -> list[str]:
         own = (("nll", 3), ("tail_ppl", 1), ("keep_rate", 2))
         generation = " / ".join(_fmt(row.get(f"generation_{key}"), digits) for key, digits in own)
         lines.append(
-            f"| {row['stage']} | {trait} | {_fmt(row.get('loop_coherence'))} | {_fmt(row.get('neutral_nll'))} "
+            f"| {row['stage']} | {trait} | {_fmt(row.get(floor))} | {_fmt(row.get('neutral_nll'))} "
             f"| {_fmt(row.get('neutral_kl_rmse'), 4)} | {adherence} | {generation} | {nats} |"
         )
     return lines
@@ -261,12 +256,12 @@ def _filtering(root: Path, rounds: list[int]) -> list[str]:
     return lines
 
 
-def _healing(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
+def _healing(by_stage: dict[str, dict], rounds: list[int], floor: str) -> list[str]:
     lines = ["## Q1: does healing restore coherence? (healed vs steered, same round)", ""]
     for r in rounds:
         steered, healed = by_stage.get(f"steered {r}"), by_stage.get(f"healed {r}")
         if steered and healed:
-            pairs = [("coherence", "loop_coherence", 3), ("neutral KL rmse", "neutral_kl_rmse", 4),
+            pairs = [(LABELS[floor], floor, 3), ("neutral KL rmse", "neutral_kl_rmse", 4),
                      ("trait", "trait_log_odds", 3)]  # fmt: skip
             changes = ", ".join(
                 f"{label} {_fmt(steered.get(key), digits)} -> {_fmt(healed.get(key), digits)}"
@@ -279,11 +274,12 @@ def _healing(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
 def _trajectory(by_stage: dict[str, dict], rounds: list[int], config: Config) -> list[str]:
     base, prompt = by_stage.get("base", {}), by_stage.get("prompt-baseline", {})
     healed_rows = [by_stage[f"healed {r}"] for r in rounds if f"healed {r}" in by_stage]
-    coherences = [round(_value(r, "loop_coherence"), 3) for r in healed_rows]
+    floor = floor_column(config)
+    coherences = [round(_value(r, floor), 3) for r in healed_rows]
     traits = [_value(r, "trait_log_odds") for r in healed_rows]
     steps = [round(b - a, 3) for a, b in zip([_value(base, "trait_log_odds"), *traits], traits, strict=False)]
     lines = ["## Q2: does coherence hold over rounds?", ""]
-    lines.append(f"- healed coherence by round: {coherences} (floor {config.loop.coh_floor})")
+    lines.append(f"- healed {LABELS[floor]} by round: {coherences} (floor {config.loop.coh_floor})")
     lines += ["", "## Q3: does the trait keep moving in one direction, and does it beat the prompting baseline?", ""]
     lines.append(
         f"- healed trait by round: {[round(t, 3) for t in traits]} (base {_fmt(base.get('trait_log_odds'))}); "
@@ -339,7 +335,7 @@ def _readout_line(root: Path) -> list[str]:
         trait = _read(base)["trait"]
         source = trait.get("items_source", "built-in items (unrecorded: before item provenance)")
         digest = f" (sha256 {trait['items_sha256'][:12]})" if "items_sha256" in trait else ""
-        n_items = trait.get("n_items", len(trait["per_item"]))
+        n_items = trait["n_items"] if "n_items" in trait else len(trait["per_item"])
         lines.append(f"Trait readout: {n_items} paired items from {source}{digest}.")
     check = root / "axis_check.json"
     if check.is_file():
@@ -387,7 +383,8 @@ def summary_markdown(rows: list[dict[str, object]], root: Path, config: Config, 
     if stopped := stop_reason(root):
         lines += [f"**Stopped early:** {stopped}.", ""]
     lines += _readout_line(root)
-    for section in (_stage_table(rows), _filtering(root, rounds), _healing(by_stage, rounds)):
+    floor = floor_column(config)
+    for section in (_stage_table(rows, floor), _filtering(root, rounds), _healing(by_stage, rounds, floor)):
         lines += [*section, ""]
     for section in (_trajectory(by_stage, rounds, config), _adherence(by_stage, rounds), _diary(root, rounds)):
         lines += [*section, ""]

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from interp_heal.adherence import adherence_prompts, adherence_ratio, score_adherence, task_adherence
+from interp_heal.coherence import floor_value
 from interp_heal.config import FilterConfig, load_config
 from interp_heal.errors import ConfigError, DataError
 from interp_heal.evaluate import neutral_answers
 from interp_heal.filter import filter_completions, other_prompts, prompt_pmi, summarise
 from interp_heal.generate import Completion
-from interp_heal.loop import loop_coherence
 from interp_heal.models import build_tiny_llama, decoder_layers, load_model
 from interp_heal.paired_items import builtin_axes, builtin_items, normalise_prompt
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
@@ -146,9 +146,9 @@ def test_the_floor_is_a_share_of_the_base_adherence(adherence_floor_config):
     assert adherence_ratio({"adherence": {"pmi": 1.2}}, base) == 1.0
     assert adherence_ratio({"adherence": {"pmi": -0.1}}, base) == 0.0
     assert math.isnan(adherence_ratio({}, base)) and math.isnan(adherence_ratio(base, {"adherence": {"pmi": 0.0}}))
-    assert loop_coherence(adherence_floor_config, {"adherence": {"pmi": 0.2}}, base) == pytest.approx(0.25)
+    assert floor_value(adherence_floor_config, {"adherence": {"pmi": 0.2}}, base) == pytest.approx(0.25)
     with pytest.raises(DataError, match="not > 0"):
-        loop_coherence(adherence_floor_config, base, {"adherence": {"pmi": -0.01}})
+        floor_value(adherence_floor_config, base, {"adherence": {"pmi": -0.01}})
 
 
 @pytest.fixture

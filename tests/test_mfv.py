@@ -12,7 +12,6 @@ from interp_heal.mfv import (
     COMPAT_QUIRKS,
     FOUNDATIONS,
     Quirks,
-    Steering,
     answer_token_ids,
     forced_suffix,
     frame_options,
@@ -25,7 +24,7 @@ from interp_heal.mfv import (
     user_prompt,
 )
 from interp_heal.personas import chat_messages, supports_system_role
-from interp_heal.steer import SteeringVector, steered_generate, steered_logits
+from interp_heal.steer import Steering, SteeringVector, steered_generate, steered_logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mfv"
 
@@ -80,7 +79,7 @@ def test_profile_and_validity_numbers(tiny_model, tokenizer, rows, kind, think_t
     summary = summarise_mfv(protocol, rows[:5], frames)
     assert sum(summary["profile"].values()) == pytest.approx(1.0, abs=1e-5)
     assert sum(summary["human_profile"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert 0.0 <= summary["coherence"] <= 1.0
+    assert 0.0 <= summary["mfv_answer_mass"] <= 1.0
     assert summary["care_nats"] == pytest.approx(math.log(summary["profile"]["Care"]))
     assert set(summary["nats"]) == set(FOUNDATIONS) and summary["n_rows"] == 5
     assert 0.0 <= summary["top1_acc"] <= 1.0 and summary["soft_nll"] > 0 and summary["nll_prefill"] > 0

@@ -147,7 +147,7 @@ def test_sharing_stages_across_seeds_is_refused_before_anything_is_written(tmp_p
 
 def _metrics_run(name: str, trait: float, coherence: float, *overrides: str) -> Run:
     config = load_config(SMOKE, [*overrides, f"output.name={name}"])
-    return Run(name, config, [{"stage": "healed 0", "round": 0, "trait_log_odds": trait, "loop_coherence": coherence}],
+    return Run(name, config, [{"stage": "healed 0", "round": 0, "trait_log_odds": trait, "neutral_fluency": coherence}],
                [], [])  # fmt: skip
 
 
@@ -157,12 +157,13 @@ def test_arm_differences_are_judged_against_the_seed_spread_only_when_there_is_o
 
     def judged(runs: dict[str, Run]) -> str:
         group = seed_group(runs, "rmse_base")
-        noise = {key: seed_band(group, key) for key in ("trait_log_odds", "loop_coherence")}
+        noise = {key: seed_band(group, key) for key in ("trait_log_odds", "neutral_fluency")}
         return "\n".join(differences(runs, ["mean_base"], noise))
 
     assert "round 0: -0.100 (no noise floor: 1 seed)" in judged(runs)
     runs["rmse_base_seed1"] = _metrics_run("rmse_base_seed1", 1.02, 0.88, "seed=1")  # spread 0.02 around 1.01 / 0.89
-    assert "coherence minus the anchor's seed mean: round 0: -0.090 (beyond the seed spread 0.020)" in judged(runs)
+    fluency = "neutral fluency minus the anchor's seed mean: round 0: -0.090 (beyond the seed spread 0.020)"
+    assert fluency in judged(runs)
     runs["rmse_base_seed2"] = _metrics_run("rmse_base_seed2", 0.80, 0.70, "seed=2")  # now a spread of 0.22 / 0.20
     assert "trait minus the anchor's seed mean: round 0: -0.040 (within the seed spread 0.220)" in judged(runs)
 
