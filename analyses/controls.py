@@ -29,7 +29,7 @@ from analyses.experiments import Run, code_note, diary_section, experiments_csv,
 from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
 from interp_heal.errors import DataError
-from interp_heal.evaluate import neutral_fluency, paired_difference
+from interp_heal.evaluate import paired_difference
 from interp_heal.filter import read_kept_completions
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.report import save_figure
@@ -45,9 +45,8 @@ def arm_kind(run: Run) -> str:
 
 
 def fluency(run: Run, stage: str) -> float:
-    """Neutral fluency exp(base NLL - NLL) of a stage, whatever quantity the run's floor used."""
-    nll, base_nll = run.value(stage, "neutral_nll"), run.value("base", "neutral_nll")
-    return neutral_fluency(nll, base_nll) if not math.isnan(nll) else math.nan
+    """Neutral fluency of a stage (metrics column `neutral_fluency`), whatever quantity the run's floor used."""
+    return run.value(stage, "neutral_fluency")
 
 
 def frontier(run: Run, round_index: int) -> dict | None:
@@ -251,7 +250,29 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
     ]
     for kind, n, name, run in rows:
         lines.append(f"| {kind} | {n} | `{name}` | {' | '.join(state_cells(run, 'healed 0'))} |")
-    return [*lines, ""]
+    return [*lines, "", *distributions_minus_samples(rows)]
+
+
+def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[str]:
+    """Per source and number of examples, the logits arm's healed student minus the tokens arm's (round 0)."""
+    by_setting = {(run.config.loop.source, run.config.heal.target, n): run for _, n, _, run in rows}
+    lines = [
+        "Samples or distributions at each number of examples: the logits arm minus the tokens arm, trait paired "
+        "over items [95% CI], neutral fluency as a difference of point values.",
+        "",
+        "| source | examples | trait: logits - tokens [95% CI] | fluency: logits - tokens |",
+        "|---|---|---|---|",
+    ]
+    for (source, target, n), logits in sorted(by_setting.items()):
+        tokens = by_setting.get((source, "tokens", n))
+        if target != "logits" or tokens is None:
+            continue
+        diff = paired_difference(eval_json(logits, "healed 0")["trait"], eval_json(tokens, "healed 0")["trait"],
+                                 N_BOOTSTRAP)  # fmt: skip
+        low, high = diff["ci95"]
+        gap = fluency(logits, "healed 0") - fluency(tokens, "healed 0")
+        lines.append(f"| {source} | {n} | {diff['diff']:+.3f} [{low:+.3f}, {high:+.3f}] | {gap:+.3f} |")
+    return [*lines, ""] if len(lines) > 4 else []
 
 
 def pareto_figure(runs: dict[str, Run], curve: list[CurvePoint] | None) -> go.Figure:

@@ -34,16 +34,16 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from analyses.probes import linear_probe, pool_by_completion
 from interp_heal.bake import bake, finished_rounds, student_at
 from interp_heal.errors import DataError
 from interp_heal.generate import Completion
-from interp_heal.heal import AGGREGATES, aggregate_kl
 from interp_heal.io import read_jsonl, write_json
 from interp_heal.models import load_configured_model
 from interp_heal.personas import render_prompts
 from interp_heal.report import save_figure
 from interp_heal.run_folder import read_run, round_path
-from interp_heal.sequences import PaddedBatch, pad_left, token_kl
+from interp_heal.sequences import PaddedBatch, kl_aggregates, pad_left, token_kl
 from interp_heal.steer import SteeringVector, steered_states
 
 
@@ -111,6 +111,7 @@ class TokenDiffs:
     delta_healed: torch.Tensor  # [L, n_tok, d]
     base_norm: torch.Tensor  # [L]: mean ||h_base|| over the tokens
     completion: torch.Tensor  # [n_tok]: index of the completion each token belongs to
+    base_pooled: torch.Tensor  # [L, n_completions, d]: h_base averaged over each completion's tokens
 
 
 def token_diffs(
@@ -131,7 +132,9 @@ def token_diffs(
         parts["delta_steered"].append(steered_h - base_h)
         parts["delta_healed"].append(healed_h - base_h)
         parts["base_norm"].append(base_h.norm(dim=-1))
-        parts["completion"].append(batch.target_mask.nonzero()[:, 0].cpu() + start)
+        local = batch.target_mask.nonzero()[:, 0].cpu()
+        parts["completion"].append(local + start)
+        parts["base_pooled"].append(pool_by_completion(base_h, local, int(batch.target_mask.shape[0])))
     return TokenDiffs(
         kl_steered=torch.cat(parts["kl_steered"]),
         kl_healed=torch.cat(parts["kl_healed"]),
@@ -139,6 +142,7 @@ def token_diffs(
         delta_healed=torch.cat(parts["delta_healed"], dim=1),
         base_norm=torch.cat(parts["base_norm"], dim=1).mean(1),
         completion=torch.cat(parts["completion"]),
+        base_pooled=torch.cat(parts["base_pooled"], dim=1),
     )
 
 
@@ -212,10 +216,6 @@ def direction_shares(delta_steered: torch.Tensor, delta_healed: torch.Tensor, tr
     return out
 
 
-def kl_summary(kl: torch.Tensor) -> dict[str, float]:
-    return {agg: float(aggregate_kl(kl, agg)) for agg in AGGREGATES}
-
-
 # ---------------------------------------------------------------- one round
 
 
@@ -264,13 +264,29 @@ def diff_round(
         "n_dropped": len(data.dropped),
         "n_tokens": int(diffs.kl_steered.numel()),
         "band_layers": list(data.vector.layers),
-        "kl_steered": kl_summary(diffs.kl_steered),
-        "kl_healed": kl_summary(diffs.kl_healed),
+        "kl_steered": kl_aggregates(diffs.kl_steered),
+        "kl_healed": kl_aggregates(diffs.kl_healed),
         "kl_steered_tokens": [round(float(x), 5) for x in diffs.kl_steered],
         "kl_healed_tokens": [round(float(x), 5) for x in diffs.kl_healed],
         "random_share": layers[0]["incoherence_dims"] / d_model,
         "layers": layers,
+        "probes": band_probes(diffs, data),
     }
+
+
+def band_probes(diffs: TokenDiffs, data: RoundData) -> list[dict[str, object]]:
+    """Per band layer, a linear probe base vs steered and base vs healed (`probes.linear_probe`)."""
+    n = diffs.base_pooled.shape[1]
+    rows = []
+    for layer in data.vector.layers:
+        base = diffs.base_pooled[layer]
+        trait = data.vector.directions[layer].float()
+        row: dict[str, object] = {"layer": layer}
+        for state, delta in (("steered", diffs.delta_steered), ("healed", diffs.delta_healed)):
+            changed = base + pool_by_completion(delta[layer][None], diffs.completion, n)[0]
+            row[state] = linear_probe(base, changed, trait)
+        rows.append(row)
+    return rows
 
 
 def diff_figure(result: dict[str, object]) -> go.Figure:

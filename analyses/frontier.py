@@ -30,12 +30,11 @@ from interp_heal.bake import bake, finished_rounds, student_at
 from interp_heal.config import Config, load_config
 from interp_heal.evaluate import neutral_coherence, neutral_fluency, trait_log_odds
 from interp_heal.io import write_json
-from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
 from interp_heal.paired_items import ReadoutItems, readout_items
 from interp_heal.report import save_figure, write_report
 from interp_heal.run_folder import RunFolder, round_path
-from interp_heal.steer import SteeringVector
+from interp_heal.steer import Steering, SteeringVector
 
 # Doses as multiples of the round's eval dose (the kept completions' mean coefficient): dense where coherence
 # is still near 1, then doubling until the curve falls below the healed student's coherence.

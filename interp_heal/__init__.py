@@ -31,11 +31,10 @@ from interp_heal.filter import Collection, collect_kept_completions
 from interp_heal.generate import Completion, generate_completions
 from interp_heal.heal import HealResult, heal
 from interp_heal.loop import run_loop
-from interp_heal.mfv import Steering
 from interp_heal.models import load_model
 from interp_heal.paired_items import ReadoutItems, readout_items
 from interp_heal.personas import PersonaPair, context_prompts, persona_pair, task_prompts
-from interp_heal.steer import SteeringVector, extract_steering_vector, steered_generate, steered_logits
+from interp_heal.steer import Steering, SteeringVector, extract_steering_vector, steered_generate, steered_logits
 
 __all__ = [
     "AxisCheck",

@@ -37,7 +37,7 @@ from interp_heal.config import Config, GenerateConfig
 from interp_heal.evaluate import bootstrap_ci
 from interp_heal.filter import base_token_nlls, other_prompts, prompt_pmi
 from interp_heal.generate import Completion, generate_completions
-from interp_heal.mfv import Steering
+from interp_heal.steer import Steering
 
 PROMPTS_FILE = "adherence_prompts.txt"
 

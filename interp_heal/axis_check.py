@@ -19,10 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.config import Config
 from interp_heal.evaluate import PLACEBO_PAIR, paired_difference, trait_log_odds
-from interp_heal.mfv import Steering
 from interp_heal.paired_items import ReadoutItems, overlapping_ids
 from interp_heal.personas import PersonaPair, context_prompts, task_prompts
-from interp_heal.steer import extract_steering_vector
+from interp_heal.steer import Steering, extract_steering_vector
 
 LOPSIDED_ITEM = 0.3  # an item whose pos and neg replies differ by more than this share of the longer one
 MAX_MEAN_IMBALANCE = 0.1  # warn when mean pos and neg reply lengths differ by more than this share

@@ -226,6 +226,12 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass in every readout.")
     mfv: bool = Field(True, description="Run the MFV benchmark (off: trait and coherence readouts only).")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the log-odds CI.")
+    n_neutral: int | None = Field(
+        None,
+        ge=1,
+        description="Neutral answers the fluency and KL readouts score (the first N of the 40 shipped; None = all). "
+        "Fewer is faster and noisier: on a 262k vocabulary they are most of an eval's time.",
+    )
     adherence: bool = Field(
         True,
         description="Sample own replies to held-out prompts: task adherence (base-scored PMI with them) and "
@@ -254,11 +260,18 @@ class LoopConfig(Section):
     """Rounds, the coherence floor that stops the loop, and what each round distils."""
 
     rounds: int = Field(3, ge=1, description="Steer-heal rounds (fewer if the coherence floor stops the loop).")
-    coh_floor: float = Field(0.5, ge=0, le=1, description="Stop when healed coherence falls below this.")
+    coh_floor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Stop when the healed student's `loop.coherence` quantity (metrics.csv `neutral_fluency`, "
+        "`mfv_answer_mass` or `adherence_share`) falls below this.",
+    )
     coherence: Literal["neutral", "mfv", "adherence"] = Field(
         "neutral",
-        description="neutral: exp(base NLL - NLL) on neutral answers (works at 135M); mfv: answer-token mass; "
-        "adherence: task adherence / the base's (needs eval.adherence).",
+        description="Which quantity the floor reads. neutral: `neutral_fluency`, exp(base NLL - NLL) on neutral "
+        "answers (works at 135M); mfv: `mfv_answer_mass`, MFV's answer-token mass (needs eval.mfv); adherence: "
+        "`adherence_share`, task adherence / the base's (needs eval.adherence).",
     )
     source: Literal["steer", "prompt"] = Field(
         "steer",

@@ -25,7 +25,6 @@ from interp_heal.config import EvalConfig
 from interp_heal.io import write_json, write_jsonl
 from interp_heal.mfv import (
     COMPAT_QUIRKS,
-    Steering,
     load_protocol,
     load_vignettes,
     resolve_data_dir,
@@ -35,8 +34,8 @@ from interp_heal.mfv import (
 )
 from interp_heal.paired_items import ReadoutItems
 from interp_heal.personas import render_prompts
-from interp_heal.sequences import base_model, continuation_logprobs, pad_left, token_kl
-from interp_heal.steer import steered_logits
+from interp_heal.sequences import base_model, continuation_logprobs, kl_aggregates, pad_left, token_kl
+from interp_heal.steer import Steering, steered_logits
 
 # Irrelevant persona pair for the validity check: a real trait readout must separate the axis' pos/neg
 # personas by more than it separates these.
@@ -139,19 +138,14 @@ def neutral_coherence(
     steering: Steering | None = None,
     persona: str | None = None,
 ) -> dict[str, float]:
-    """NLL per token of fixed neutral answers, and mean / rmse / p95 / max KL(model || base) over their tokens."""
-    prompts, answers = zip(*neutral_answers(), strict=True)
+    """NLL per token of fixed neutral answers (the first `config.n_neutral`), and mean / rmse / p95 / max
+    KL(model || base) over their tokens."""
+    prompts, answers = zip(*neutral_answers()[: config.n_neutral], strict=True)
     logprobs, kls = reply_logprobs(
         model, tokenizer, list(prompts), list(answers), config.batch_size, steering, persona, with_base_kl=True
     )
-    all_kl = torch.cat(kls)
-    return {
-        "neutral_nll": float(-torch.cat(logprobs).mean()),
-        "neutral_kl_mean": float(all_kl.mean()),
-        "neutral_kl_rmse": float(all_kl.square().mean().sqrt()),
-        "neutral_kl_p95": float(torch.quantile(all_kl, 0.95)),
-        "neutral_kl_max": float(all_kl.max()),
-    }
+    kl = kl_aggregates(torch.cat(kls))
+    return {"neutral_nll": float(-torch.cat(logprobs).mean()), **{f"neutral_kl_{how}": kl[how] for how in kl}}
 
 
 def neutral_fluency(neutral_nll: float, base_neutral_nll: float) -> float:

@@ -42,7 +42,9 @@ from interp_heal.parallel import DataParallel, share_of_step
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import (
     PaddedBatch,
+    aggregate_kl,
     base_model,
+    kl_aggregates,
     kl_from_logprobs,
     pad_left,
     position_chunks,
@@ -52,26 +54,9 @@ from interp_heal.sequences import (
     vocab_size,
 )
 
-AGGREGATES = ("mean", "rmse", "p95", "max")
-
 
 class HealError(InterpHealError):
     """Training cannot go on (non-finite loss or gradients, no data); nothing was saved."""
-
-
-def aggregate_kl(kl_per_token: torch.Tensor, how: str) -> torch.Tensor:
-    """Aggregate per-token KL (1-D) into one scalar: mean, rmse = sqrt(mean kl^2), p95 (95th percentile), max."""
-    if kl_per_token.ndim != 1 or kl_per_token.numel() == 0:
-        raise ValueError(f"aggregate_kl needs a non-empty 1-D tensor, got shape {tuple(kl_per_token.shape)}")
-    if how == "mean":
-        return kl_per_token.mean()
-    if how == "rmse":
-        return kl_per_token.square().mean().sqrt()
-    if how == "p95":
-        return torch.quantile(kl_per_token, 0.95)
-    if how == "max":
-        return kl_per_token.max()
-    raise ValueError(f"unknown KL aggregate {how!r}; use one of {AGGREGATES}")
 
 
 def barrier_weight(lam: float, round_index: int, power: float) -> float:
@@ -358,14 +343,10 @@ def batch_loss(
     # 0 * inf = NaN from sqrt'(0) when the student still equals the reference (rmse of an all-zero KL).
     barrier = divergence - config.tau if active else torch.zeros((), device=nll.device)
     loss = objective + lam_eff * barrier if active and lam_eff > 0 else objective
-    detached = kl.detach()
     return LossParts(
         loss=loss,
         nll=nll.item(),
-        kl_mean=float(aggregate_kl(detached, "mean")),
-        kl_rmse=float(aggregate_kl(detached, "rmse")),
-        kl_p95=float(aggregate_kl(detached, "p95")),
-        kl_max=float(aggregate_kl(detached, "max")),
+        **{f"kl_{how}": value for how, value in kl_aggregates(kl.detach()).items()},
         barrier=barrier.item(),
         barrier_active=active,
         teacher_ce=ce_value,
@@ -399,6 +380,10 @@ class HealResult:
 
 
 def _cosine_with_warmup(total_steps: int, warmup_frac: float):
+    """Linear warmup to the full rate, then cosine to 0. Not transformers' get_cosine_schedule_with_warmup: its
+    warmup starts at lr 0, so the first optimizer step changes nothing but Adam's moments (one of the demo's 4
+    warmup steps, at 42 steps and warmup_frac 0.1), and every committed healed number would move; here step 0
+    already runs at lr/warmup."""
     warmup = max(1, round(warmup_frac * total_steps)) if warmup_frac > 0 else 0
 
     def factor(step: int) -> float:

@@ -20,14 +20,13 @@ from interp_heal.filter import Collection, StarvedDataError, collect_kept_comple
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, TeacherRows, heal
 from interp_heal.io import check_writable, read_json, write_json
-from interp_heal.mfv import Steering
 from interp_heal.models import load_configured_model
 from interp_heal.own_replies import own_reply_readouts
 from interp_heal.pair_drafting import DraftedItem, default_scenarios, draft_pairs, write_draft
 from interp_heal.paired_items import readout_items
 from interp_heal.parallel import data_parallel
 from interp_heal.personas import context_prompts, persona_pair, task_prompts
-from interp_heal.steer import SteeringVector, check_fits, extract_steering_vector
+from interp_heal.steer import Steering, SteeringVector, check_fits, extract_steering_vector
 from interp_heal.teacher import teacher_topk
 
 

@@ -28,8 +28,8 @@ from interp_heal.adherence import held_out_replies, task_adherence
 from interp_heal.config import Config
 from interp_heal.filter import ScoredCompletion, base_token_nlls, drop_reasons, score_completions, summarise
 from interp_heal.generate import Completion
-from interp_heal.mfv import Steering
 from interp_heal.personas import PersonaPair
+from interp_heal.steer import Steering
 
 GENERATION_COLUMNS = ("generation_nll", "generation_tail_ppl", "generation_repetition", "generation_keep_rate")
 

@@ -138,6 +138,29 @@ def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+AGGREGATES = ("mean", "rmse", "p95", "max")
+
+
+def aggregate_kl(kl_per_token: torch.Tensor, how: str) -> torch.Tensor:
+    """Aggregate per-token KL (1-D) into one scalar: mean, rmse = sqrt(mean kl^2), p95 (95th percentile), max."""
+    if kl_per_token.ndim != 1 or kl_per_token.numel() == 0:
+        raise ValueError(f"aggregate_kl needs a non-empty 1-D tensor, got shape {tuple(kl_per_token.shape)}")
+    if how == "mean":
+        return kl_per_token.mean()
+    if how == "rmse":
+        return kl_per_token.square().mean().sqrt()
+    if how == "p95":
+        return torch.quantile(kl_per_token, 0.95)
+    if how == "max":
+        return kl_per_token.max()
+    raise ValueError(f"unknown KL aggregate {how!r}; use one of {AGGREGATES}")
+
+
+def kl_aggregates(kl_per_token: torch.Tensor) -> dict[str, float]:
+    """Every aggregate of a per-token KL, as plain numbers: what the heal log, the evals and the diffs report."""
+    return {how: float(aggregate_kl(kl_per_token, how)) for how in AGGREGATES}
+
+
 def scored_hidden(model: nn.Module, batch: PaddedBatch) -> torch.Tensor:
     """The unembedding's input (the final norm's output) at the continuation-predicting positions, [n_targets, d]:
     `unembed` turns it into logits a chunk of positions at a time. The forward goes through `model` itself (a DDP

@@ -121,6 +121,18 @@ class SteeringVector:
         )
 
 
+@dataclass(frozen=True)
+class Steering:
+    """A steering vector at one dose, or none (`active` is False): what every readout takes to read a state."""
+
+    vector: SteeringVector | None = None
+    coeff: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.vector is not None and self.coeff != 0
+
+
 def _replace_directions(vector: SteeringVector, directions: torch.Tensor) -> SteeringVector:
     return SteeringVector(
         directions=directions,

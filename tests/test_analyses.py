@@ -133,6 +133,10 @@ def test_diffs_on_smoke_run(smoke_run, tmp_path):
         assert moved == (row["layer"] >= min(band)), row
     assert (tmp_path / "diffs_round_00.json").is_file() and (tmp_path / "diffs_round_01.html").is_file()
     assert "trait retained" in format_diffs(first)
+    # At the first band layer the steered states are the base's plus coeff * v on every token: a linear probe
+    # separates them on held-out completions.
+    probes = {row["layer"]: row for row in first["probes"]}
+    assert set(probes) == band and probes[min(band)]["steered"]["accuracy"] == 1.0
 
 
 def test_diffs_with_zero_dose_see_no_steering(smoke_run, tokenizer):

@@ -12,19 +12,15 @@ from analyses.frontier import CurvePoint, healing_gain
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.evaluate import neutral_fluency, paired_difference
-from interp_heal.paired_items import builtin_items, write_items
 
 SMOKE = Path("configs/smoke.yaml").resolve()
 
 
 def _sweep(tmp_path: Path) -> Path:
-    # 12 readout items instead of 56: the frontier reads the trait at >= 7 doses, most of this test's time.
-    items = tmp_path / "items.jsonl"
-    write_items(items, list(builtin_items("love").items[:12]))
     path = tmp_path / "controls.yaml"
     path.write_text(yaml.safe_dump({
         "base": str(SMOKE), "runs_dir": str(tmp_path / "runs"),
-        "overrides": ["loop.rounds=1", "heal.lr=0.02", f"persona.pairs={items}"],
+        "overrides": ["loop.rounds=1", "heal.lr=0.02"],
         "anchor": "steer_tokens", "report": "controls", "report_dir": str(tmp_path / "report"),
         "runs": {"steer_tokens": [], "prompt_tokens": ["loop.source=prompt"]}, "frontier": ["steer_tokens"],
     }, sort_keys=False))  # fmt: skip

@@ -109,10 +109,9 @@ def test_steered_and_prompted_mfv_differ_from_base():
 
     from interp_heal.config import EvalConfig
     from interp_heal.evaluate import evaluate
-    from interp_heal.mfv import Steering
     from interp_heal.paired_items import builtin_items
     from interp_heal.personas import BUILTIN_AXES, context_prompts
-    from interp_heal.steer import extract_steering_vector
+    from interp_heal.steer import Steering, extract_steering_vector
 
     if not os.environ.get("INTERP_HEAL_MFV_DATA"):
         pytest.skip("INTERP_HEAL_MFV_DATA not set (CI sets it to ../shared/mfv)")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from interp_heal.config import EvalConfig
@@ -6,12 +7,13 @@ from interp_heal.evaluate import (
     evaluate,
     neutral_answers,
     neutral_coherence,
+    reply_logprobs,
     trait_log_odds,
     write_eval,
 )
 from interp_heal.io import read_jsonl
-from interp_heal.mfv import Steering
 from interp_heal.paired_items import builtin_items
+from interp_heal.steer import Steering
 from tests.test_mfv import FIXTURES
 from tests.test_steer import _random_vector
 
@@ -59,6 +61,16 @@ def test_neutral_coherence_is_zero_kl_for_the_base_and_positive_when_steered(tin
     assert steered["neutral_kl_mean"] > 0 and steered["neutral_kl_rmse"] >= steered["neutral_kl_mean"]
 
 
+def test_n_neutral_scores_the_first_answers_only(tiny_model, tokenizer):
+    every = neutral_coherence(tiny_model, tokenizer, FAST)
+    assert neutral_coherence(tiny_model, tokenizer, FAST.model_copy(update={"n_neutral": 400})) == every
+    first_two = neutral_coherence(tiny_model, tokenizer, FAST.model_copy(update={"n_neutral": 2}))
+    prompts, answers = zip(*neutral_answers()[:2], strict=True)
+    logprobs, _ = reply_logprobs(tiny_model, tokenizer, list(prompts), list(answers), FAST.batch_size, Steering())
+    assert first_two["neutral_nll"] == pytest.approx(float(-torch.cat(logprobs).mean()), rel=1e-5)
+    assert first_two["neutral_nll"] != pytest.approx(every["neutral_nll"], rel=1e-4)
+
+
 def test_evaluate_writes_json_and_rows(tiny_model, tokenizer, tmp_path):
     result = evaluate(tiny_model, tokenizer, LOVE, FAST)
     for key in (
@@ -67,7 +79,7 @@ def test_evaluate_writes_json_and_rows(tiny_model, tokenizer, tmp_path):
         "nats",
         "care_nats",
         "auth_nats",
-        "coherence",
+        "mfv_answer_mass",
         "nll_prefill",
         "top1_acc",
         "soft_nll",

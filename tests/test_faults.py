@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from interp_heal.config import load_config
@@ -55,8 +56,14 @@ def _kill_inside(root: Path, name: str, target: str, delay: float) -> None:
     assert target not in state, f"{target} finished before the kill; the test needs a longer stage"
 
 
-def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path):
-    reference = run_loop(_config(tmp_path, "reference"))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted run, the yardstick of both tests (each run here takes about a minute on CI)."""
+    root = tmp_path_factory.mktemp("faults")
+    return run_loop(_config(root, "reference"))
+
+
+def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     for target, delay in (("round_00/collect", 0.5), ("round_00/heal", 1.5), ("round_00/eval_healed", 1.0)):
         _kill_inside(tmp_path, "killed", target, delay)
     finished = _start(tmp_path, "killed")
@@ -72,8 +79,8 @@ def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path):
         ).read_text()
 
 
-def test_same_seed_and_config_give_identical_runs(tmp_path):
-    first, second = run_loop(_config(tmp_path, "first")), run_loop(_config(tmp_path, "second"))
+def test_same_seed_and_config_give_identical_runs(tmp_path, reference):
+    first, second = reference, run_loop(_config(tmp_path, "second"))
     for round_dir in ("round_00", "round_01"):
         vectors = [load_file(run / round_dir / "vector.safetensors")["directions"] for run in (first, second)]
         assert vectors[0].equal(vectors[1])

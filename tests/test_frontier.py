@@ -11,7 +11,7 @@ import pytest
 from analyses.frontier import DOSE_LADDER, CurvePoint, crossing, healing_gain, interpolate, run_frontier
 from interp_heal.config import load_config
 from interp_heal.evaluate import neutral_coherence, neutral_fluency, trait_log_odds
-from interp_heal.paired_items import builtin_items
+from interp_heal.paired_items import readout_items
 
 
 def _point(dose: float, trait: float, coherence: float, n_items: int = 20) -> CurvePoint:
@@ -59,7 +59,7 @@ def test_frontier_of_the_smoke_run(smoke_run, frontier, tiny_model, tokenizer):
     dose_zero = frontier[0]["curve"][0]
     assert dose_zero["trait"] == pytest.approx(base["trait"]["log_odds"], abs=1e-5)
     assert dose_zero["coherence"] == pytest.approx(1.0) and dose_zero["kl_rmse"] == pytest.approx(0.0, abs=1e-6)
-    recomputed = trait_log_odds(tiny_model, tokenizer, builtin_items("love"), config.eval)
+    recomputed = trait_log_odds(tiny_model, tokenizer, readout_items(config.persona), config.eval)
     assert recomputed["log_odds"] == pytest.approx(dose_zero["trait"], abs=1e-5)
     nll = neutral_coherence(tiny_model, tokenizer, config.eval)["neutral_nll"]
     assert neutral_fluency(nll, base["neutral_nll"]) == pytest.approx(1.0)

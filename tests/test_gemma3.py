@@ -96,6 +96,7 @@ def test_one_loop_round_with_analyses_and_report(tmp_path):
             "eval.set_name=fixture",
             "eval.n_vignettes=7",
             "eval.n_bootstrap=100",
+            "eval.n_neutral=8",  # the 262k-vocabulary KL on all 40 neutral answers is most of each eval's time
             "eval.adherence=false",
             "loop.rounds=1",
             "loop.coh_floor=0.0",

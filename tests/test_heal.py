@@ -12,7 +12,6 @@ from interp_heal.heal import (
     LOG_FIELDS,
     HealError,
     add_fresh_adapter,
-    aggregate_kl,
     barrier_weight,
     batch_loss,
     heal,
@@ -20,7 +19,7 @@ from interp_heal.heal import (
     training_examples,
 )
 from interp_heal.models import build_tiny_llama
-from interp_heal.sequences import base_model, continuation_logprobs, pad_left, target_ids
+from interp_heal.sequences import aggregate_kl, base_model, continuation_logprobs, pad_left, target_ids
 
 TEXTS = [
     "Start with the smallest task on your list and finish it before lunch.",

@@ -1,5 +1,6 @@
 """The KL direction (issue 26): docs/pipeline.md states KL(student || ref) for the barrier and KL(model || base)
-for the evaluation; on distributions where the two directions differ, the code computes the stated one."""
+for the evaluation; on distributions where the two directions differ, the code computes the stated one, and both
+callers pass the arguments in that order."""
 
 import sys
 from pathlib import Path
@@ -7,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from interp_heal.bake import adapter_name
 from interp_heal.evaluate import reply_logprobs
-from interp_heal.mfv import Steering
+from interp_heal.heal import add_fresh_adapter, batch_loss, reference_log_probs
 from interp_heal.sequences import kl_from_logprobs, token_kl
+from interp_heal.steer import Steering
+from tests.test_heal import FAST, _batch, _completions, _randomise_lora_b
 from tests.test_steer import _random_vector
 
 P, Q = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.4, 0.3, 0.3])
@@ -48,3 +52,22 @@ def test_the_evaluation_reads_kl_of_the_model_from_the_base(tiny_model, tokenize
     # test_token_kl_is_the_expectation_under_its_first_argument (the random model's near-uniform outputs make
     # both directions agree to 1e-4 here, so they cannot tell the directions apart themselves).
     assert torch.allclose(torch.cat(kls), token_kl(steered, base)[0, : len(kls[0])], rtol=1e-4)
+
+
+def test_the_barrier_reads_kl_of_the_student_from_the_reference(tiny_model, tokenizer, monkeypatch):
+    calls = []
+
+    def spy(log_p, log_q):
+        calls.append((log_p.detach().clone(), log_q.detach().clone(), log_p.requires_grad))
+        return kl_from_logprobs(log_p, log_q)
+
+    monkeypatch.setattr(sys.modules["interp_heal.heal"], "kl_from_logprobs", spy)
+    batch = _batch(tokenizer, _completions(tokenizer)[:2])
+    student = add_fresh_adapter(tiny_model, FAST, 0)
+    _randomise_lora_b(student, adapter_name(0), scale=0.5)
+    reference = reference_log_probs(student, batch, FAST, adapter_name(0))
+    batch_loss(student, batch, FAST, 1.0, adapter_name(0), ref_log_probs=reference)
+    first, second, trained = calls[0]
+    assert trained, "the first argument is the student being trained (it carries the LoRA gradient)"
+    assert torch.allclose(second, reference[: len(second)]), "the second is the reference (the base, adapters off)"
+    assert not torch.allclose(first, second, atol=1e-3)

@@ -36,8 +36,8 @@ def test_smoke_run_writes_every_artifact(finished_run):
     stages = [line.split(",")[0] for line in metrics[1:]]
     assert stages == ["base", "prompt-baseline", "steered 0", "healed 0", "steered 1", "healed 1"]
     summary = (finished_run / "summary.md").read_text()
-    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?", "56 paired items from builtin:love",
-                    "check-axis: **not expressible**"):  # fmt: skip
+    items = "12 paired items from tests/fixtures/love_12.jsonl"
+    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?", items, "check-axis: **not expressible**"):
         assert heading in summary
 
 
