@@ -122,11 +122,12 @@ def two_by_two(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str
 
 
 def own_frontier_gain(run: Run, r: int, anchor: Run, curve: list[CurvePoint], point: CurvePoint) -> dict | None:
-    """The gain on the run's own round-r frontier; for a round 0 steered with the anchor's own vector (shared
-    stages) that frontier is the base curve itself, so it is not measured twice."""
+    """The gain on the run's own round-r frontier (recomputed from its stored curve with this page's resamples, so
+    it equals the base-curve column where the curves are one); for a round 0 steered with the anchor's own vector
+    (shared stages) that frontier is the base curve itself, so it is not measured twice."""
     result = frontier(run, r)
     if result is not None:
-        return result["gain"]
+        return healing_gain([CurvePoint(**p) for p in result["curve"]], point, N_BOOTSTRAP)
     vector = round_path(run_root(run.config), 0) / "vector.safetensors"
     anchor_vector = round_path(run_root(anchor.config), 0) / "vector.safetensors"
     if r == 0 and vector.is_file() and vector.read_bytes() == anchor_vector.read_bytes():
@@ -255,10 +256,14 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
 
 def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[str]:
     """Per source and number of examples, the logits arm's healed student minus the tokens arm's (round 0)."""
-    by_setting = {(run.config.loop.source, run.config.heal.target, n): run for _, n, _, run in rows}
+    # One seed per setting (the anchor's): other seeds' arms would share a key.
+    seed = rows[0][3].config.seed if rows else 0
+    by_setting = {
+        (run.config.loop.source, run.config.heal.target, n): run for _, n, _, run in rows if run.config.seed == seed
+    }
     lines = [
-        "Samples or distributions at each number of examples: the logits arm minus the tokens arm, trait paired "
-        "over items [95% CI], neutral fluency as a difference of point values.",
+        f"Samples or distributions at each number of examples (seed {seed}): the logits arm minus the tokens arm, "
+        "trait paired over items [95% CI], neutral fluency as a difference of point values.",
         "",
         "| source | examples | trait: logits - tokens [95% CI] | fluency: logits - tokens |",
         "|---|---|---|---|",

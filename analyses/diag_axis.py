@@ -59,7 +59,7 @@ def evaluations_from_config(config: Config, coeff: float) -> dict[str, dict]:
 @dataclass(frozen=True)
 class AxisTable:
     rows: list[dict[str, Any]]  # per foundation: profile per state and deltas, sorted by |steered - base|
-    coherence: dict[str, float]  # MFV answer-token mass per state
+    mfv_answer_mass: dict[str, float]  # per state
     trait_log_odds: dict[str, float]
     most_moved_by_vector: str
     most_moved_by_prompt: str
@@ -78,7 +78,7 @@ def axis_table(evaluations: dict[str, dict]) -> AxisTable:
     rows.sort(key=lambda row: abs(row["delta_steered"]), reverse=True)
     return AxisTable(
         rows=rows,
-        coherence={state: mfv_answer_mass(evaluations[state]) for state in STATES},
+        mfv_answer_mass={state: mfv_answer_mass(evaluations[state]) for state in STATES},
         trait_log_odds={state: evaluations[state]["trait"]["log_odds"] for state in STATES},
         most_moved_by_vector=rows[0]["foundation"],
         most_moved_by_prompt=max(rows, key=lambda row: abs(row["delta_prompt"]))["foundation"],
@@ -92,7 +92,7 @@ def format_table(table: AxisTable) -> str:
             f"{row['foundation']:<12} {row['base']:>7.3f} {row['steered']:>8.3f} {row['delta_steered']:>+8.3f} "
             f"{row['prompt']:>7.3f} {row['delta_prompt']:>+8.3f}"
         )
-    lines.append("answer mass  " + "  ".join(f"{state} {table.coherence[state]:.3f}" for state in STATES))
+    lines.append("answer mass  " + "  ".join(f"{state} {table.mfv_answer_mass[state]:.3f}" for state in STATES))
     lines.append("trait        " + "  ".join(f"{state} {table.trait_log_odds[state]:+.3f}" for state in STATES))
     lines.append(f"most moved: by the vector {table.most_moved_by_vector}, by the prompt {table.most_moved_by_prompt}")
     return "\n".join(lines)

@@ -236,7 +236,7 @@ def distilled_fraction(run: Run, r: int) -> float:
 
 
 ROUND_COLUMNS = (
-    "round", "trait steered", "trait healed [95% CI]", "distilled", "coherence healed", "answer mass",
+    "round", "trait steered", "trait healed [95% CI]", "distilled", "neutral fluency healed", "answer mass",
     "care / auth nats", "most-moved off-target", "kept frac", "neutral KL mean / rmse / p95 / max",
     "adapter write share on v_r", "cos(v_r, v_0)",
 )  # fmt: skip
@@ -517,7 +517,10 @@ def reproduction_section(runs: dict[str, Run], earlier_csv: Path) -> list[str]:
     """Per round, the largest |difference| in healed trait and coherence between these runs and the same-named
     runs of an earlier sweep's experiments.csv (same configs, another machine or code version)."""
     with earlier_csv.open() as handle:
-        earlier = {(row["run"], row["stage"]): renamed_columns(row) for row in csv.DictReader(handle)}
+        earlier = {
+            (row["run"], row["stage"]): renamed_columns(row, runs[row["run"]].config if row["run"] in runs else None)
+            for row in csv.DictReader(handle)
+        }
     lines = [
         f"## Reproduction against `{earlier_csv}`", "",
         "The same configs run again; per round, the largest difference over the runs present in both.", "",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from _machine import machine_line
 
+from interp_heal.coherence import mfv_answer_mass
 from interp_heal.io import atomic_write_text
 from interp_heal.mfv import (
     COMPAT_QUIRKS,
@@ -79,8 +80,8 @@ def compare(run: dict, base: dict) -> dict[str, object]:
         "variant": run["variant"],
         **{f"profile_{f}": round(run["profile"][f], 4) for f in FOUNDATIONS},
         "max_abs_profile_diff": round(max(abs(d) for d in profile_diff.values()), 4),
-        "answer_mass": round(run["mfv_answer_mass"], 4),
-        "answer_mass_diff": round(run["mfv_answer_mass"] - base["mfv_answer_mass"], 4),
+        "answer_mass": round(mfv_answer_mass(run), 4),
+        "answer_mass_diff": round(mfv_answer_mass(run) - mfv_answer_mass(base), 4),
         "top1_acc": round(run["top1_acc"], 4),
         "top1_same_as_none": round(sum(a == b for a, b in zip(run["top1"], base["top1"], strict=True)) / len(lp), 4),
         "mean_abs_option_lp_diff": round(float((lp - base_lp).abs().mean()), 4),

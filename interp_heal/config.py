@@ -313,6 +313,8 @@ class Config(Section):
     def _adherence_inputs(self) -> Config:
         if self.loop.coherence == "adherence" and not self.eval.adherence:
             raise ValueError("loop.coherence=adherence needs eval.adherence=true (the floor reads that readout)")
+        if self.loop.coherence == "mfv" and not self.eval.mfv:
+            raise ValueError("loop.coherence=mfv needs eval.mfv=true (the floor reads MFV's answer mass)")
         if self.filter.min_adherence is not None and self.generate.n_prompts < 2:
             raise ValueError("filter.min_adherence needs generate.n_prompts >= 2 (another prompt of the batch)")
         return self

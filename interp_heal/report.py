@@ -106,13 +106,20 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
     return rows
 
 
+def _csv_cell(value: object) -> object:
+    """A readout that did not run is an empty cell, whether it came as None or NaN."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def write_metrics(root: Path, config: Config) -> list[dict[str, object]]:
     rows = metric_rows(root, config)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow(
+            {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()}
+        )
     atomic_write_text(root / "metrics.csv", buffer.getvalue())
     return rows
 

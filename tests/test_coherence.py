@@ -13,7 +13,7 @@ import pytest
 from analyses.experiments import Run, reproduction_section
 from interp_heal.coherence import COHERENCE_COLUMNS, coherence_columns, floor_value, renamed_columns
 from interp_heal.config import load_config
-from interp_heal.errors import DataError
+from interp_heal.errors import ConfigError, DataError
 from interp_heal.report import METRIC_FIELDS, metric_rows, summary_markdown
 
 LEGACY = Path("tests/fixtures/legacy_run")
@@ -61,3 +61,10 @@ def test_an_old_sweep_table_compares_under_the_new_names():
               [], [])  # fmt: skip
     table = reproduction_section({"rmse_base": run}, LEGACY / "experiments.csv")
     assert "| 0 | 1 | 0.007 (`rmse_base`) | 0.078 (`rmse_base`) |" in table
+
+
+def test_a_floor_on_a_readout_that_does_not_run_is_refused_before_the_run():
+    for overrides, readout in ((["loop.coherence=mfv", "eval.mfv=false"], "eval.mfv"),
+                               (["loop.coherence=adherence", "eval.adherence=false"], "eval.adherence")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"needs {readout}=true"):
+            load_config(SMOKE, overrides)

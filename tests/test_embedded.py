@@ -90,9 +90,9 @@ def test_check_axis_sees_love_but_not_authority_or_a_placebo_axis():
     from interp_heal.paired_items import ReadoutItems, builtin_items, items_sha256
     from interp_heal.personas import BUILTIN_AXES, PersonaPair
 
-    def first_items(axis: str) -> ReadoutItems:  # 24 of the 56 items, to keep the suite short
-        items = builtin_items(axis).items[:24]
-        return ReadoutItems(axis, items, f"builtin:{axis}[:24]", items_sha256(items))
+    def first_items(axis: str) -> ReadoutItems:  # 16 of the 56 items, to keep the suite short
+        items = builtin_items(axis).items[:16]
+        return ReadoutItems(axis, items, f"builtin:{axis}[:16]", items_sha256(items))
 
     model, tokenizer, _ = load_model("smollm2-135m")
     config = load_config("configs/demo.yaml", ["eval.n_bootstrap=500", "steer.n_contexts=32"])
@@ -109,17 +109,19 @@ def test_steered_and_prompted_mfv_differ_from_base():
 
     from interp_heal.config import EvalConfig
     from interp_heal.evaluate import evaluate
-    from interp_heal.paired_items import builtin_items
+    from interp_heal.paired_items import ReadoutItems, builtin_items, items_sha256
     from interp_heal.personas import BUILTIN_AXES, context_prompts
     from interp_heal.steer import Steering, extract_steering_vector
 
     if not os.environ.get("INTERP_HEAL_MFV_DATA"):
         pytest.skip("INTERP_HEAL_MFV_DATA not set (CI sets it to ../shared/mfv)")
     model, tokenizer, _ = load_model("smollm2-135m")
-    config = EvalConfig(n_vignettes=14, n_bootstrap=100)
+    # MFV is what this test reads: the other readouts run on as few items and answers as they accept.
+    config = EvalConfig(n_vignettes=14, n_bootstrap=100, n_neutral=4)
     pair = BUILTIN_AXES["authority"]
     vector = extract_steering_vector(model, tokenizer, pair, context_prompts(16), (0.45, 0.55))
-    readout = builtin_items("authority")
+    items = builtin_items("authority").items[:12]
+    readout = ReadoutItems("authority", items, "builtin:authority[:12]", items_sha256(items))
     base = evaluate(model, tokenizer, readout, config)
     steered = evaluate(model, tokenizer, readout, config, Steering(vector, 2.0))
     prompted = evaluate(model, tokenizer, readout, config, persona=pair.pos)

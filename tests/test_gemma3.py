@@ -94,7 +94,7 @@ def test_one_loop_round_with_analyses_and_report(tmp_path):
             "heal.max_len=64",
             "eval.mfv_data=tests/fixtures/mfv",
             "eval.set_name=fixture",
-            "eval.n_vignettes=7",
+            "eval.n_vignettes=2",
             "eval.n_bootstrap=100",
             "eval.n_neutral=8",  # the 262k-vocabulary KL on all 40 neutral answers is most of each eval's time
             "eval.adherence=false",
