@@ -256,8 +256,8 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
 
 def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[str]:
     """Per source and number of examples, the logits arm's healed student minus the tokens arm's (round 0)."""
-    # One seed per setting (the anchor's): other seeds' arms would share a key.
-    seed = rows[0][3].config.seed if rows else 0
+    # One seed per setting (the lowest present): other seeds' arms would share a key.
+    seed = min((run.config.seed for *_, run in rows), default=0)
     by_setting = {
         (run.config.loop.source, run.config.heal.target, n): run for _, n, _, run in rows if run.config.seed == seed
     }
