@@ -1,5 +1,5 @@
 """controls: the decisive controls of a sweep (`configs/controls.yaml`): is healing more than steering less (Q4),
-is steering needed at all (Q5), and samples or distributions (the {steer, prompt} x {tokens, logits} table)?
+is steering needed at all (Q5), and samples or distributions (Q6: the {steer, prompt} x {tokens, logits} table)?
 
 Every arm is read on one common yardstick, the **base steering curve**: the base model steered with the anchor
 run's round-0 vector at a ladder of doses (`analyses/frontier.py`, the anchor's `frontier_round_00.json`),
@@ -32,6 +32,7 @@ from interp_heal.errors import DataError
 from interp_heal.evaluate import paired_difference
 from interp_heal.filter import read_kept_completions
 from interp_heal.io import atomic_write_text, read_json
+from interp_heal.questions import heading
 from interp_heal.report import save_figure
 from interp_heal.run_folder import round_path
 from interp_heal.sweep import sweep_configs
@@ -102,7 +103,7 @@ STATE_HEADER = "trait [95% CI] | neutral fluency | own replies kept / tail ppl |
 def two_by_two(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
     """Every arm at every finished round: the readouts and its place against the base steering curve."""
     lines = [
-        "## Samples or distributions? Every arm, round by round",
+        heading("samples_or_distributions") + " Every arm, round by round",
         "",
         "Healed student of each arm after round r. *vs base steering curve*: its trait minus the base steering "
         "curve's trait at its neutral fluency [95% CI over items] (> 0: above every dose of the plain vector).",
@@ -147,7 +148,7 @@ def prompting_line(anchor: Run, curve: list[CurvePoint]) -> str:
 
 def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
     """Q4, from the steer arms' own per-round frontiers and the base curve."""
-    lines = ["## Q4: is healing more than steering less?", ""]
+    lines = [heading("steering_less"), ""]
     if curve is None:
         return [*lines, "No frontier yet: `python cli.py frontier --run DIR` on the anchor run.", ""]
     doses = ", ".join(f"{p.dose:.2f}: {p.trait:.3f} / {p.coherence:.3f}" for p in curve)
@@ -196,7 +197,7 @@ def verdicts(runs: dict[str, Run], curve: list[CurvePoint], source: str) -> list
 def steering_needed(runs: dict[str, Run], anchor: str) -> list[str]:
     """Q5: each other arm against the anchor at the same round, paired over readout items."""
     lines = [
-        "## Q5: is steering needed at all?",
+        heading("steering_needed"),
         "",
         f"Each arm's healed student minus `{anchor}`'s at the same round, trait paired over the same items "
         "[95% CI]; fluency, generation keep-rate and adherence as differences of point values.",

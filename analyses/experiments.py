@@ -31,6 +31,7 @@ from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text, read_jsonl
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.provenance import code_label
+from interp_heal.questions import heading, label
 from interp_heal.report import metric_rows, save_figure, stop_reason
 from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
@@ -43,8 +44,8 @@ OFF_TARGET = tuple(f for f in FOUNDATIONS if f not in ("Care", "Authority"))
 # a run's own floor reads (`loop.coherence`).
 READOUTS = {"neutral_fluency": "neutral fluency", "trait_log_odds": "trait"}
 CONTROLS_POINTER = (
-    "Q4 (is healing more than steering less?), Q5 (is steering needed at all, against prompt distillation?) and "
-    "samples or distributions (the tokens vs logits objective) are the controls sweep's: "
+    f"{label('steering_less')} {label('steering_needed')} (against prompt distillation) and "
+    f"{label('samples_or_distributions')} (the tokens vs logits objective) are the controls sweep's: "
     "[`reports/controls/controls.md`](controls/controls.md) (`configs/controls.yaml`)."
 )
 TAIL_SHAPE = {"kl_p95_over_mean": "neutral KL p95 / mean", "kl_max_over_mean": "neutral KL max / mean"}
@@ -284,7 +285,7 @@ def healing_vs_prompting(runs: dict[str, Run], anchor: str) -> list[str]:
     prompt_high = prompt.value("prompt-baseline", "trait_ci_high")
     baseline = prompt.value("prompt-baseline", "trait_log_odds")
     lines = [
-        "## Q1: does healing move the trait further than the prompting baseline, at equal or better coherence?", "",
+        heading("beats_prompting"), "",
         f"Prompting baseline (pos persona as system prompt, base model): trait {_f(baseline)} "
         f"[{_f(prompt.value('prompt-baseline', 'trait_ci_low'))}, {_f(prompt_high)}], coherence "
         f"{_f(prompt.value('prompt-baseline', 'neutral_fluency'))} ({_prompted_fluency(prompt)}). Healed "
@@ -320,11 +321,11 @@ def _prompted_fluency(run: Run) -> str:
     return f"neutral answers scored with the persona prompt in place; uncapped exp(base NLL - NLL) {_f(math.exp(gap))}"
 
 
-def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], title: str) -> list[str]:
+def arm_comparison(runs: dict[str, Run], anchor: str, arms: list[str], question: str) -> list[str]:
     noise = seed_noise(runs, anchor)
     present = [arm for arm in arms if arm in runs]
     header = " | ".join(f"{arm} trait / coh" for arm in present)
-    lines = [f"## {title}", "", f"| round | {header} | anchor seed spread trait / coh (seeds) |",
+    lines = [heading(question), "", f"| round | {header} | anchor seed spread trait / coh (seeds) |",
              "|---|" + "---|" * len(present) + "---|"]  # fmt: skip
     rounds = sorted({r for arm in present for r in runs[arm].rounds()})
     for r in rounds:
@@ -344,7 +345,7 @@ def differences(
     the anchor's seed spread (it cannot be judged where fewer than two seeds reached the round)."""
     lines = []
     for arm in arms:
-        for key, label in labels.items():
+        for key, readout in labels.items():
             cells = []
             for r in runs[arm].rounds():
                 band, value = noise[key].get(r, NO_BAND), runs[arm].value(f"healed {r}", key)
@@ -356,7 +357,7 @@ def differences(
                 else:
                     judged = f"{'within' if judged == 'within' else 'beyond'} the seed spread {band.spread:.3f}"
                 cells.append(f"round {r}: {value - band.mean:+.3f} ({judged})")
-            lines.append(f"- `{arm}` {label} minus the anchor's seed mean: {'; '.join(cells) or 'no shared rounds'}")
+            lines.append(f"- `{arm}` {readout} minus the anchor's seed mean: {'; '.join(cells) or 'no shared rounds'}")
     if not any(len(run.rounds()) for run in runs.values()):
         lines.append("- no finished rounds yet")
     return lines
@@ -584,13 +585,13 @@ def write_experiments_report(
         *healing_vs_prompting(runs, anchor),
         "![Q1](q1_healing_vs_prompting.png)",
         "",
-        *arm_comparison(runs, anchor, barrier_arms, "Q2: does the rmse barrier hold coherence where mean does not?"),
+        *arm_comparison(runs, anchor, barrier_arms, "barrier_aggregate"),
         *coherence_answer(runs, anchor, barrier_arms),
         *barrier_scale_note(runs[anchor]),
         *kl_tail_section(runs, anchor, barrier_arms),
         "![Q2](q2_barrier_aggregate.png)",
         "",
-        *arm_comparison(runs, anchor, ref_arms, "Q3: KL to the base vs KL to the previous student"),
+        *arm_comparison(runs, anchor, ref_arms, "kl_reference"),
         *reference_answer(runs, anchor, ref_arms),
         "![Q3](q3_reference.png)",
         "",

@@ -26,6 +26,7 @@ from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_json, read_jsonl, write_json
 from interp_heal.loop import DEMO_PROMPTS
 from interp_heal.models import load_configured_model
+from interp_heal.questions import label
 from interp_heal.report import metric_rows, stop_reason, trajectory_figure
 from interp_heal.run_folder import read_run, round_path
 from interp_heal.steer import SteeringVector
@@ -211,7 +212,7 @@ def _frontier_section(path: Path, static: bool) -> list[str]:
     header = ["round", "doses", "healed trait", "healed coherence", "healing gain at equal coherence", "95% CI",
               "coherence gain at equal trait", "note"]  # fmt: skip
     return [
-        "<h2>Healing vs steering less</h2>",
+        f"<h2>{label('steering_less')}</h2>",
         "<p class='note'>The student each round started from, steered with that round's vector at a ladder of doses, "
         "against the healed student; gain = healed trait - the curve's trait at the healed coherence.</p>",
         _figure(frontier_figure(results), static, first=False),

@@ -21,6 +21,7 @@ from interp_heal.config import Config
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.own_replies import GENERATION_COLUMNS, generation_columns
+from interp_heal.questions import heading
 from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
 
@@ -251,7 +252,7 @@ def _stage_table(rows: list[dict[str, object]], floor: str) -> list[str]:
 
 
 def _filtering(root: Path, rounds: list[int]) -> list[str]:
-    lines = ["## Q0: can we filter?", ""]
+    lines = [heading("filter"), ""]
     for r in rounds:
         summary = _read(round_path(root, r) / "collect_summary.json")
         if summary:
@@ -264,7 +265,7 @@ def _filtering(root: Path, rounds: list[int]) -> list[str]:
 
 
 def _healing(by_stage: dict[str, dict], rounds: list[int], floor: str) -> list[str]:
-    lines = ["## Q1: does healing restore coherence? (healed vs steered, same round)", ""]
+    lines = [heading("healing"), ""]
     for r in rounds:
         steered, healed = by_stage.get(f"steered {r}"), by_stage.get(f"healed {r}")
         if steered and healed:
@@ -285,26 +286,29 @@ def _trajectory(by_stage: dict[str, dict], rounds: list[int], config: Config) ->
     coherences = [round(_value(r, floor), 3) for r in healed_rows]
     traits = [_value(r, "trait_log_odds") for r in healed_rows]
     steps = [round(b - a, 3) for a, b in zip([_value(base, "trait_log_odds"), *traits], traits, strict=False)]
-    lines = ["## Q2: does coherence hold over rounds?", ""]
+    lines = [heading("coherence_over_rounds"), ""]
     lines.append(f"- healed {LABELS[floor]} by round: {coherences} (floor {config.loop.coh_floor})")
-    lines += ["", "## Q3: does the trait keep moving in one direction, and does it beat the prompting baseline?", ""]
+    lines += ["", heading("trait_direction"), ""]
     lines.append(
         f"- healed trait by round: {[round(t, 3) for t in traits]} (base {_fmt(base.get('trait_log_odds'))}); "
         f"change per round {steps}"
     )
     if prompt and traits:
-        best = max(traits)
-        verdict = "beats" if best > _value(prompt, "trait_ci_high") else "does not beat"
+        best = max(range(len(traits)), key=traits.__getitem__)
+        verdict = "beats" if traits[best] > _value(prompt, "trait_ci_high") else "does not beat"
         interval = f"[{_fmt(prompt.get('trait_ci_low'))}, {_fmt(prompt.get('trait_ci_high'))}]"
-        lines.append(
-            f"- best healed trait {best:.3f} {verdict} the prompting baseline {_fmt(prompt.get('trait_log_odds'))} "
-            f"{interval} (against the upper end of its CI; CIs are over scenarios within this run, not over seeds)"
-        )
+        lines += [
+            "", heading("beats_prompting"), "",
+            f"- best healed trait {traits[best]:.3f} {verdict} the prompting baseline "
+            f"{_fmt(prompt.get('trait_log_odds'))} {interval} (against the upper end of its CI; CIs are over "
+            "scenarios within this run, not over seeds)",
+            f"- at {LABELS[floor]} {coherences[best]} against the prompting baseline's {_fmt(prompt.get(floor))}",
+        ]  # fmt: skip
     return lines
 
 
 def _adherence(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
-    """Q4 from the adherence readout (docs/pipeline.md); nothing when the run did not measure it."""
+    """The adherence question from the adherence readout (docs/pipeline.md); nothing when the run did not measure it."""
     base, prompt = by_stage.get("base", {}), by_stage.get("prompt-baseline", {})
     if math.isnan(_value(base, "adherence")):
         return []
@@ -314,7 +318,7 @@ def _adherence(by_stage: dict[str, dict], rounds: list[int]) -> list[str]:
 
     nll = ", ".join(f"{stage} {_fmt(row.get('adherence_nll'))}" for stage, row in by_stage.items())
     return [
-        "## Q4: does the student still answer the question?", "",
+        heading("adherence"), "",
         f"- task adherence (base-scored PMI of the state's own replies with their held-out prompts, nats/token; "
         f"0 = replies ignore their prompts): base {_fmt(base.get('adherence'))}, prompting baseline "
         f"{_fmt(prompt.get('adherence'))}",
@@ -362,7 +366,7 @@ def _frontier(root: Path) -> list[str]:
     if not path.is_file():
         return []
     lines = [
-        "## Healing vs steering less (`cli.py frontier`)",
+        heading("steering_less") + " (`cli.py frontier`)",
         "",
         "The student each round started from, steered with that round's vector at a ladder of doses, against the "
         "healed student. Gain = healed trait - the steering curve's trait at the healed coherence (CI over items).",

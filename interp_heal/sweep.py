@@ -34,7 +34,7 @@ class SweepConfig(Section):
     report: Literal["experiments", "controls"] = Field(
         "experiments",
         description="Which report the sweep writes: experiments.md (arms vs the anchor, Q1-Q3) or controls.md "
-        "(the base steering curve, Q4 and Q5, the source x target table; analyses/controls.py).",
+        "(the base steering curve; Q4-Q6, the source x target table; analyses/controls.py).",
     )
     report_dir: str = Field(
         "reports",

@@ -18,6 +18,7 @@ from interp_heal.generate import Completion
 from interp_heal.models import build_tiny_llama, decoder_layers, load_model
 from interp_heal.paired_items import builtin_axes, builtin_items, normalise_prompt
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
+from interp_heal.questions import heading
 from interp_heal.sequences import continuation_logprobs, pad_left
 
 # Each prompt with its own reply; `taught` learns them, so there a reply carries information about its prompt.
@@ -172,7 +173,7 @@ def test_every_stage_of_a_run_reports_adherence(smoke_run):
     block = json.loads((smoke_run / "round_01" / "eval_healed.json").read_text())["adherence"]
     assert block["n_replies"] == 12 and len(block["replies"]) == 12
     summary = (smoke_run / "summary.md").read_text()
-    assert "Q4: does the student still answer the question?" in summary and "adherence [95% CI]" in summary
+    assert heading("adherence") in summary and "adherence [95% CI]" in summary
 
 
 @pytest.mark.slow

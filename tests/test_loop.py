@@ -8,6 +8,7 @@ from interp_heal import loop as loop_module
 from interp_heal.config import load_config
 from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError
 from interp_heal.loop import run_loop
+from interp_heal.questions import heading
 
 ROUND_FILES = (
     "vector.safetensors", "vector.json", "completions.jsonl", "collect_summary.json", "eval_steered.json",
@@ -37,8 +38,9 @@ def test_smoke_run_writes_every_artifact(finished_run):
     assert stages == ["base", "prompt-baseline", "steered 0", "healed 0", "steered 1", "healed 1"]
     summary = (finished_run / "summary.md").read_text()
     items = "12 paired items from tests/fixtures/love_12.jsonl"
-    for heading in ("Q0", "Q1", "Q2", "Q3", "Do you love humanity?", items, "check-axis: **not expressible**"):
-        assert heading in summary
+    questions = ("filter", "healing", "coherence_over_rounds", "trait_direction", "beats_prompting")
+    for expected in (*map(heading, questions), "Do you love humanity?", items, "check-axis: **not expressible**"):
+        assert expected in summary
 
 
 def test_resume_after_a_failure_recomputes_nothing_and_matches(finished_run, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from interp_heal.errors import ConfigError
 from interp_heal.io import write_json
 from interp_heal.loop import run_loop
 from interp_heal.provenance import code_label, provenance
+from interp_heal.questions import heading
 from interp_heal.report import stop_reason
 from interp_heal.run_folder import HEAL_INDEPENDENT_STAGES
 from interp_heal.sweep import sweep_configs
@@ -86,7 +87,11 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "no_barrier" / "state.json").read_text() == state, "a finished sweep reruns nothing"
     report = (tmp_path / "report" / "experiments.md").read_text()
-    assert "## Q1" in report and "## Q2" in report and "`rmse_base` (1 of 1 rounds)" in report
+    assert (
+        heading("beats_prompting") in report
+        and heading("barrier_aggregate") in report
+        and "`rmse_base` (1 of 1 rounds)" in report
+    )
     assert "over 2 seed(s)" in report, "the seed variant must join the anchor's noise floor"
     assert "| 0 |" in report and "`no_barrier` trait minus the anchor's seed mean: round 0:" in report
     assert f"`rmse_base_seed1`: {code_label(provenance())}." in report, "the code that computed the runs is named"
