@@ -29,13 +29,15 @@ from analyses.frontier import format_frontier, run_frontier
 from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import format_projection, run_project_adapters
+from interp_heal.architecture import band_to_layers
 from interp_heal.axis_check import format_axis_check
 from interp_heal.config import Config, config_markdown, config_to_yaml, load_config
+from interp_heal.embedded import EMBEDDED_MODELS, embedded_status
 from interp_heal.errors import ConfigError, InterpHealError
 from interp_heal.io import os_error_hint
 from interp_heal.jobs import run_check_axis, run_collect, run_eval, run_heal, run_pairs, run_steer
 from interp_heal.loop import run_loop
-from interp_heal.models import EMBEDDED_MODELS, TINY_RANDOM, band_to_layers, embedded_status, load_model, model_shape
+from interp_heal.models import TINY_RANDOM, load_model, model_shape
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import load_sweep, run_sweep
 

@@ -19,9 +19,10 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from interp_heal.architecture import final_norm, unwrap_peft
 from interp_heal.errors import DataError
 from interp_heal.io import write_json
-from interp_heal.models import final_norm, load_configured_model, unwrap_peft
+from interp_heal.models import load_configured_model
 from interp_heal.report import save_figure
 from interp_heal.run_folder import read_run
 from interp_heal.steer import SteeringVector

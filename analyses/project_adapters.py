@@ -25,9 +25,10 @@ from plotly.subplots import make_subplots
 from safetensors.torch import load_file
 from torch import nn
 
+from interp_heal.architecture import decoder_layers
 from interp_heal.bake import adapter_name, bake, finished_rounds, student_at
 from interp_heal.io import write_json
-from interp_heal.models import decoder_layers, load_configured_model
+from interp_heal.models import load_configured_model
 from interp_heal.personas import context_prompts, render_prompts
 from interp_heal.report import save_figure
 from interp_heal.run_folder import read_run, round_path

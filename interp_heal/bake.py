@@ -24,9 +24,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from torch import nn
 
+from interp_heal.architecture import is_peft_model
 from interp_heal.errors import DataError
 from interp_heal.io import read_json
-from interp_heal.models import is_peft_model
 from interp_heal.run_folder import round_name, round_path
 
 

@@ -33,11 +33,11 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from interp_heal.architecture import band_to_layers, decoder_layer_path, decoder_layers, is_peft_model, unwrap_peft
 from interp_heal.bake import activate, adapter_name, adapter_names, muted_adapter
 from interp_heal.config import HealConfig
 from interp_heal.errors import InterpHealError
 from interp_heal.generate import Completion
-from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, is_peft_model, unwrap_peft
 from interp_heal.parallel import DataParallel, share_of_step
 from interp_heal.personas import render_prompts
 from interp_heal.sequences import (

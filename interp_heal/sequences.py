@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from interp_heal.models import final_norm, is_peft_model, text_config, unwrap_peft
+from interp_heal.architecture import final_norm, is_peft_model, text_config, unwrap_peft
 
 
 @dataclass(frozen=True)

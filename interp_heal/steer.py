@@ -26,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from interp_heal.architecture import band_to_layers, decoder_layer_path, decoder_layers, final_norm, unwrap_peft
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_target, write_json
-from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, final_norm, unwrap_peft
 from interp_heal.personas import PersonaPair, render_prompts
 
 Remote = bool | str  # nnsight's `remote=`: False, "local" (simulated server) or True (NDIF)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from interp_heal.models import decoder_layers
+from interp_heal.architecture import decoder_layers
 
 
 @contextmanager

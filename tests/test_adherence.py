@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from interp_heal.adherence import adherence_prompts, adherence_ratio, score_adherence, task_adherence
+from interp_heal.architecture import decoder_layers
 from interp_heal.coherence import floor_value
 from interp_heal.config import FilterConfig, load_config
 from interp_heal.errors import ConfigError, DataError
 from interp_heal.evaluate import neutral_answers
 from interp_heal.filter import filter_completions, other_prompts, prompt_pmi, summarise
 from interp_heal.generate import Completion
-from interp_heal.models import build_tiny_llama, decoder_layers, load_model
+from interp_heal.models import build_tiny_llama, load_model
 from interp_heal.paired_items import builtin_axes, builtin_items, normalise_prompt
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.questions import heading

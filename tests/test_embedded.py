@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from interp_heal.models import EMBEDDED_MODELS, cache_is_valid, embedded_cache_dir, load_model
+from interp_heal.embedded import EMBEDDED_MODELS, cache_is_valid, embedded_cache_dir
+from interp_heal.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
+from interp_heal.embedded import EMBEDDED_MODELS, EmbeddedModel, assembled_gguf_path, embedded_cache_dir
 from interp_heal.errors import ModelSpecError
 from interp_heal.io import sha256_file
-from interp_heal.models import EMBEDDED_MODELS, EmbeddedModel, assembled_gguf_path, embedded_cache_dir
 
 GOOD = b"a stand-in for the joined chunks"
 

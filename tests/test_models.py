@@ -10,16 +10,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from interp_heal.architecture import band_to_layers, decoder_layer_path, decoder_layers
+from interp_heal.embedded import CACHE_MARKER, cache_is_valid
 from interp_heal.errors import ConfigError, ModelSpecError
-from interp_heal.models import (
-    CACHE_MARKER,
-    band_to_layers,
-    cache_is_valid,
-    decoder_layer_path,
-    decoder_layers,
-    load_model,
-    model_info,
-)
+from interp_heal.models import load_model, model_info
 
 
 def test_tiny_model_info(tiny_model, tokenizer):

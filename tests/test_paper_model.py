@@ -4,9 +4,9 @@ tower under model.language_model), built from its config.json alone on the meta 
 import torch
 from transformers import AutoConfig, Gemma3ForConditionalGeneration
 
+from interp_heal.architecture import band_to_layers, decoder_layer_path, decoder_layers, final_norm, text_config
 from interp_heal.config import load_config
 from interp_heal.heal import add_fresh_adapter
-from interp_heal.models import band_to_layers, decoder_layer_path, decoder_layers, final_norm, text_config
 
 CONFIG_JSON = "tests/fixtures/gemma-3-4b-it/config.json"
 
