@@ -28,9 +28,9 @@ from plotly.subplots import make_subplots
 from analyses.experiments import Run, code_note, diary_section, experiments_csv, read_run, run_root, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
+from interp_heal.collect import read_kept_completions
 from interp_heal.errors import DataError
 from interp_heal.evaluate import paired_difference
-from interp_heal.filter import read_kept_completions
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.questions import heading
 from interp_heal.report import save_figure

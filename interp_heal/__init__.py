@@ -14,6 +14,7 @@ README.md walks through a whole round; `run_loop(config)` runs the loop with res
 
 from interp_heal.axis_check import AxisCheck, check_axis
 from interp_heal.bake import bake
+from interp_heal.collect import Collection, collect_kept_completions
 from interp_heal.config import (
     Config,
     EvalConfig,
@@ -27,7 +28,6 @@ from interp_heal.config import (
     load_config,
 )
 from interp_heal.evaluate import evaluate
-from interp_heal.filter import Collection, collect_kept_completions
 from interp_heal.generate import Completion, generate_completions
 from interp_heal.heal import HealResult, heal
 from interp_heal.loop import run_loop

@@ -13,10 +13,10 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.axis_check import AxisCheck, check_axis
 from interp_heal.bake import bake
+from interp_heal.collect import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.config import Config, PersonaConfig, save_config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
-from interp_heal.filter import Collection, StarvedDataError, collect_kept_completions, read_kept_completions
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import HealResult, TeacherRows, heal
 from interp_heal.io import check_writable, read_json, write_json

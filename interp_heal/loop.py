@@ -24,17 +24,17 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.axis_check import check_axis
 from interp_heal.bake import bake, fuse_adapters
 from interp_heal.coherence import floor_column, floor_value
-from interp_heal.config import Config
-from interp_heal.errors import AxisNotExpressibleError
-from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
-from interp_heal.filter import (
+from interp_heal.collect import (
     Collection,
-    ScoredCompletion,
     StarvedDataError,
     collect_kept_completions,
     collect_prompted_completions,
     read_kept_completions,
 )
+from interp_heal.config import Config
+from interp_heal.errors import AxisNotExpressibleError
+from interp_heal.evaluate import check_eval_inputs, evaluate, write_eval
+from interp_heal.filter import ScoredCompletion
 from interp_heal.generate import Completion, generate_completions, write_completions
 from interp_heal.heal import heal
 from interp_heal.io import check_writable, write_json

@@ -4,26 +4,19 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from interp_heal.config import FilterConfig, GenerateConfig
-from interp_heal.filter import (
+from interp_heal.collect import (
     Collection,
-    CompletionScores,
     DoseSearch,
-    ScoredCompletion,
     StarvedDataError,
-    base_token_nlls,
     bisect_dose,
     check_not_starved,
     collect_kept_completions,
-    compression_ratio,
-    distinct_token_ratio,
-    drop_reasons,
-    filter_completions,
-    persona_overlap,
-    repetition_fraction,
 )
+from interp_heal.config import FilterConfig, GenerateConfig
+from interp_heal.filter import CompletionScores, ScoredCompletion, base_token_nlls, drop_reasons, filter_completions
 from interp_heal.generate import Completion
 from interp_heal.personas import BUILTIN_AXES, task_prompts
+from interp_heal.text_scores import compression_ratio, distinct_token_ratio, persona_overlap, repetition_fraction
 from tests.helpers import hook_steering
 from tests.test_steer import _random_vector
 
@@ -194,7 +187,7 @@ def _lenient(**overrides) -> FilterConfig:
 
 
 def test_mean_steered_kl_grows_with_the_coefficient(tiny_model, tokenizer):
-    from interp_heal.filter import mean_steered_kl
+    from interp_heal.collect import mean_steered_kl
 
     vector = _random_vector(scale=0.5)
     kls = [mean_steered_kl(tiny_model, tokenizer, [_completion(tokenizer, FLUENT, coeff=c)], vector) for c in (0, 1, 2)]

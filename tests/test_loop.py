@@ -104,13 +104,13 @@ def test_a_resumed_run_refuses_edited_readout_items(tmp_path):
 
 
 def test_prompt_distillation_samples_with_the_persona_trains_without_it_and_never_steers(tmp_path, monkeypatch):
-    from interp_heal import filter as filter_module
+    from interp_heal import collect as collect_module
     from interp_heal.heal import training_examples
     from interp_heal.personas import BUILTIN_AXES, render_prompts
 
     pos = BUILTIN_AXES["love"].pos
     sampled: list[tuple[object, object]] = []
-    real_generate = filter_module.generate_completions
+    real_generate = collect_module.generate_completions
 
     def spy(*args, **kwargs):
         sampled.append((args[3], kwargs.get("persona")))  # (vector, persona)
@@ -119,7 +119,7 @@ def test_prompt_distillation_samples_with_the_persona_trains_without_it_and_neve
     def no_vector(*_args, **_kwargs):
         raise AssertionError("prompt distillation must not extract a steering vector")
 
-    monkeypatch.setattr(filter_module, "generate_completions", spy)
+    monkeypatch.setattr(collect_module, "generate_completions", spy)
     monkeypatch.setattr(loop_module, "extract_steering_vector", no_vector)
     root = run_loop(_config(tmp_path, "prompted", "loop.source=prompt", "loop.rounds=1", "eval.mfv=false"))
     assert sampled and all(vector is None and persona == pos for vector, persona in sampled)
