@@ -6,7 +6,6 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, TopPLogitsWarper
 from interp_heal import generate as generate_module
 from interp_heal.config import GenerateConfig
 from interp_heal.generate import (
-    NucleusSampler,
     generate_completions,
     prompt_batch,
     shared_prefix_length,
@@ -15,6 +14,7 @@ from interp_heal.generate import (
 )
 from interp_heal.io import read_jsonl
 from interp_heal.personas import render_prompts, task_prompts
+from interp_heal.sampling import NucleusSampler
 from interp_heal.steer import steered_generate, tokenize_prompts
 from tests.test_steer import _random_vector
 
