@@ -28,6 +28,7 @@ from plotly.subplots import make_subplots
 from analyses.experiments import Run, code_note, diary_section, experiments_csv, read_run, run_root, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
+from interp_heal.coherence import read_frontier
 from interp_heal.collect import read_kept_completions
 from interp_heal.errors import DataError
 from interp_heal.evaluate import paired_difference
@@ -52,7 +53,7 @@ def fluency(run: Run, stage: str) -> float:
 
 def frontier(run: Run, round_index: int) -> dict | None:
     path = run_root(run.config) / "analysis" / f"frontier_round_{round_index:02d}.json"
-    return read_json(path) if path.is_file() else None
+    return read_frontier(path) if path.is_file() else None
 
 
 def eval_json_at(run: Run, relative: str) -> dict:
@@ -142,7 +143,8 @@ def prompting_line(anchor: Run, curve: list[CurvePoint]) -> str:
     point = CurvePoint(math.nan, trait["log_odds"], fluency(anchor, stage), math.nan, trait["per_item"])
     return (
         f"The prompting baseline (the pos persona as system prompt, no training) against the same curve: trait "
-        f"{point.trait:.3f} at fluency {point.coherence:.3f}, {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))}."
+        f"{point.trait:.3f} at fluency {point.neutral_fluency:.3f}, "
+        f"{gain_cell(healing_gain(curve, point, N_BOOTSTRAP))}."
     )
 
 
@@ -151,7 +153,7 @@ def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[
     lines = [heading("steering_less"), ""]
     if curve is None:
         return [*lines, "No frontier yet: `python cli.py frontier --run DIR` on the anchor run.", ""]
-    doses = ", ".join(f"{p.dose:.2f}: {p.trait:.3f} / {p.coherence:.3f}" for p in curve)
+    doses = ", ".join(f"{p.dose:.2f}: {p.trait:.3f} / {p.neutral_fluency:.3f}" for p in curve)
     lines += [
         f"Base steering curve (dose: trait / neutral fluency): {doses}.",
         "",
@@ -166,9 +168,9 @@ def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[
         for r in run.rounds():
             point = student_point(run, r)
             own_gain = own_frontier_gain(run, r, anchor, curve, point)
-            fluency_gain = f"{own_gain['coherence_gain']:+.3f}" if own_gain else "-"
+            fluency_gain = f"{own_gain['fluency_gain']:+.3f}" if own_gain else "-"
             lines.append(
-                f"| `{name}` | {r} | {point.trait:.3f} / {point.coherence:.3f} | {gain_cell(own_gain)} | "
+                f"| `{name}` | {r} | {point.trait:.3f} / {point.neutral_fluency:.3f} | {gain_cell(own_gain)} | "
                 f"{fluency_gain} | {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))} |"
             )
     return [*lines, "", *verdicts(runs, curve, "steer"), "", prompting_line(anchor, curve), ""]
@@ -287,7 +289,7 @@ def pareto_figure(runs: dict[str, Run], curve: list[CurvePoint] | None) -> go.Fi
         "trait vs neutral fluency (base steering curve in grey)", "trait vs own replies the filter keeps"))  # fmt: skip
     if curve:
         figure.add_trace(go.Scatter(
-            x=[p.coherence for p in curve], y=[p.trait for p in curve], mode="lines+markers", name="base steered",
+            x=[p.neutral_fluency for p in curve], y=[p.trait for p in curve], mode="lines+markers", name="base steered",
             line={"color": "#888"}, text=[f"dose {p.dose:.2f}" for p in curve]), row=1, col=1)  # fmt: skip
     for i, (name, run) in enumerate(runs.items()):
         stages = ["base", *[f"healed {r}" for r in run.rounds()]]

@@ -1,16 +1,17 @@
 """frontier: is healing more than steering less?
 
-If the healed student sits on the trait-vs-coherence curve of the unhealed vector at a lower dose, healing only
+If the healed student sits on the trait-vs-fluency curve of the unhealed vector at a lower dose, healing only
 bakes in a weaker steer. For each round r of a run: the student that round started from, steered with v_r at a
 ladder of doses (trait, neutral fluency, KL to base per dose: the steering curve), against the healed student.
 
-    healing gain   = healed trait - the curve's trait at the healed student's coherence
-    coherence gain = healed coherence - the curve's coherence at the healed student's trait
+    healing gain = healed trait - the curve's trait at the healed student's neutral fluency
+    fluency gain = healed fluency - the curve's fluency at the healed student's trait
 
 Both are read on the dose-ordered curve where it first crosses the healed value (linear between the two doses
-that bracket it), never extrapolated: a curve that does not reach the healed coherence gives NaN and says so.
-The gain's 95% CI resamples readout items (same items for every dose and the healed model); coherence is read
-on fixed neutral answers, so it is held fixed under the resampling.
+that bracket it), never extrapolated: a curve that does not reach the healed fluency gives NaN and says so.
+The gain's 95% CI resamples readout items (same items for every dose and the healed model); fluency is read
+on fixed neutral answers, so it is held fixed under the resampling. Files written before 2026-12-04 name the
+fluency `coherence` (and its gain `coherence_gain`); `coherence.read_frontier` renames them on read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from interp_heal.bake import bake, finished_rounds, student_at
+from interp_heal.coherence import read_frontier
 from interp_heal.config import Config, load_config
 from interp_heal.evaluate import neutral_coherence, neutral_fluency, trait_log_odds
 from interp_heal.io import write_json
@@ -36,8 +38,8 @@ from interp_heal.report import save_figure, write_report
 from interp_heal.run_folder import RunFolder, round_path
 from interp_heal.steer import Steering, SteeringVector
 
-# Doses as multiples of the round's eval dose (the kept completions' mean coefficient): dense where coherence
-# is still near 1, then doubling until the curve falls below the healed student's coherence.
+# Doses as multiples of the round's eval dose (the kept completions' mean coefficient): dense where fluency
+# is still near 1, then doubling until the curve falls below the healed student's fluency.
 DOSE_LADDER = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAX_EXTRA_DOSES = 3
 
@@ -46,7 +48,7 @@ MAX_EXTRA_DOSES = 3
 class CurvePoint:
     dose: float
     trait: float
-    coherence: float
+    neutral_fluency: float
     kl_rmse: float
     per_item: list[float]
 
@@ -54,7 +56,7 @@ class CurvePoint:
 def crossing(xs: list[float], ys: list[float], target: float, falling: bool) -> tuple[int, float] | None:
     """The first segment i (between points i and i+1, in the given order) where xs crosses `target`, and the
     weight w of point i in the linear interpolation (value = w * ys[i] + (1 - w) * ys[i+1]); None if none does.
-    `falling`: xs decreases through target (coherence along the dose ladder) rather than increasing (trait)."""
+    `falling`: xs decreases through target (fluency along the dose ladder) rather than increasing (trait)."""
     for i in range(len(xs) - 1):
         a, b = xs[i], xs[i + 1]
         inside = (b <= target <= a) if falling else (a <= target <= b)
@@ -73,14 +75,14 @@ def interpolate(xs: list[float], ys: list[float], target: float, falling: bool) 
 
 
 def healing_gain(curve: list[CurvePoint], healed: CurvePoint, n_bootstrap: int, seed: int = 0) -> dict[str, object]:
-    """Healed trait minus the curve's trait at the healed coherence, with a CI over readout items; and the
-    coherence gain at equal trait (point estimate)."""
-    coherences, traits = [p.coherence for p in curve], [p.trait for p in curve]
-    found = crossing(coherences, traits, healed.coherence, falling=True)
-    coherence_gain = healed.coherence - interpolate(traits, coherences, healed.trait, falling=False)
+    """Healed trait minus the curve's trait at the healed fluency, with a CI over readout items; and the
+    fluency gain at equal trait (point estimate)."""
+    fluencies, traits = [p.neutral_fluency for p in curve], [p.trait for p in curve]
+    found = crossing(fluencies, traits, healed.neutral_fluency, falling=True)
+    fluency_gain = healed.neutral_fluency - interpolate(traits, fluencies, healed.trait, falling=False)
     if found is None:
-        reason = f"the curve spans coherence {min(coherences):.3f}-{max(coherences):.3f}, not {healed.coherence:.3f}"
-        return {"trait_gain": math.nan, "ci95": [math.nan, math.nan], "coherence_gain": coherence_gain, "note": reason}
+        reason = f"the curve spans fluency {min(fluencies):.3f}-{max(fluencies):.3f}, not {healed.neutral_fluency:.3f}"
+        return {"trait_gain": math.nan, "ci95": [math.nan, math.nan], "fluency_gain": fluency_gain, "note": reason}
     i, w = found
     items = torch.tensor([curve[i].per_item, curve[i + 1].per_item, healed.per_item])  # [3, n_items]
     generator = torch.Generator().manual_seed(seed)
@@ -89,7 +91,7 @@ def healing_gain(curve: list[CurvePoint], healed: CurvePoint, n_bootstrap: int, 
     gains = means[2] - (w * means[0] + (1 - w) * means[1])
     low, high = torch.quantile(gains, torch.tensor([0.025, 0.975])).tolist()
     point = healed.trait - (w * traits[i] + (1 - w) * traits[i + 1])
-    return {"trait_gain": point, "ci95": [low, high], "coherence_gain": coherence_gain, "note": ""}
+    return {"trait_gain": point, "ci95": [low, high], "fluency_gain": fluency_gain, "note": ""}
 
 
 def curve_point(
@@ -106,7 +108,7 @@ def curve_point(
     return CurvePoint(
         dose=dose,
         trait=float(trait["log_odds"]),
-        coherence=neutral_fluency(neutral["neutral_nll"], base_nll),
+        neutral_fluency=neutral_fluency(neutral["neutral_nll"], base_nll),
         kl_rmse=neutral["neutral_kl_rmse"],
         per_item=list(trait["per_item"]),
     )
@@ -129,13 +131,13 @@ def steering_curve(
     eval_coeff: float,
     floor: float,
 ) -> list[CurvePoint]:
-    """The student steered at DOSE_LADDER x eval_coeff, extended by doubling until coherence is below `floor`."""
+    """The student steered at DOSE_LADDER x eval_coeff, extended by doubling until fluency is below `floor`."""
     doses = [factor * eval_coeff for factor in DOSE_LADDER]
     curve: list[CurvePoint] = []
     for dose in tqdm(doses, desc="doses", leave=False):
         curve.append(curve_point(student, tokenizer, readout, config, base_nll, Steering(vector, dose), dose))
     for _ in range(MAX_EXTRA_DOSES):
-        if curve[-1].coherence < floor:
+        if curve[-1].neutral_fluency < floor:
             break
         dose = 2 * curve[-1].dose
         curve.append(curve_point(student, tokenizer, readout, config, base_nll, Steering(vector, dose), dose))
@@ -154,7 +156,7 @@ def frontier_round(
     vector = SteeringVector.load(round_dir / "vector.safetensors")
     eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
     with student_at(student, round_index - 1 if round_index > 0 else None, n_rounds) as start:
-        curve = steering_curve(start, tokenizer, readout, config, base_nll, vector, eval_coeff, healed.coherence)
+        curve = steering_curve(start, tokenizer, readout, config, base_nll, vector, eval_coeff, healed.neutral_fluency)
     gain = healing_gain(curve, healed, config.eval.n_bootstrap, seed=config.seed)
     return {
         "round": round_index,
@@ -173,20 +175,20 @@ def frontier_figure(results: list[dict[str, object]]) -> go.Figure:
     for result, color in zip(results, palette * 4, strict=False):
         r, curve, healed = result["round"], result["curve"], result["healed"]
         figure.add_trace(go.Scatter(
-            x=[p["coherence"] for p in curve], y=[p["trait"] for p in curve], mode="lines+markers",
+            x=[p["neutral_fluency"] for p in curve], y=[p["trait"] for p in curve], mode="lines+markers",
             name=f"steering curve, round {r}", line={"color": color}, text=[f"dose {p['dose']:.2f}" for p in curve],
         ))  # fmt: skip
         figure.add_trace(go.Scatter(
-            x=[healed["coherence"]], y=[healed["trait"]], mode="markers", name=f"healed {r}",
+            x=[healed["neutral_fluency"]], y=[healed["trait"]], mode="markers", name=f"healed {r}",
             marker={"color": color, "size": 14, "symbol": "star"},
         ))  # fmt: skip
     prompt = results[0]["prompt"]
     figure.add_trace(go.Scatter(
-        x=[prompt["coherence"]], y=[prompt["trait"]], mode="markers", name="prompting baseline",
+        x=[prompt["neutral_fluency"]], y=[prompt["trait"]], mode="markers", name="prompting baseline",
         marker={"color": "black", "size": 12, "symbol": "diamond"},
     ))  # fmt: skip
     figure.update_layout(
-        title="Healing vs steering less: trait against coherence (right = more coherent)",
+        title="Healing vs steering less: trait against neutral fluency (right = more fluent)",
         xaxis_title="neutral fluency exp(base NLL - NLL)", yaxis_title="trait log-odds (nats/token)",
         xaxis={"autorange": "reversed"}, width=950, height=600,
     )  # fmt: skip
@@ -206,7 +208,7 @@ def run_frontier(run: Path, rounds: list[int] | None = None, out: Path | None = 
         path = out / f"frontier_round_{round_index:02d}.json"
         if not path.is_file():
             write_json(path, frontier_round(run, student, tokenizer, round_index, len(finished)))
-        results.append(json.loads(path.read_text()))
+        results.append(read_frontier(path))
     write_json(out / "frontier.json", results)
     save_figure(frontier_figure(results), out / "frontier")
     if out == run / "analysis":  # summary.md reads it from there
@@ -215,12 +217,13 @@ def run_frontier(run: Path, rounds: list[int] | None = None, out: Path | None = 
 
 
 def format_frontier(results: list[dict[str, object]]) -> str:
-    lines = ["round | doses | healed trait / coherence | healing gain [95% CI] at equal coherence | coherence gain"]
+    lines = ["round | doses | healed trait / fluency | healing gain [95% CI] at equal fluency | fluency gain"]
     for result in results:
         healed, gain = result["healed"], result["gain"]
         low, high = gain["ci95"]
         lines.append(
-            f"{result['round']:>5} | {len(result['curve']):>5} | {healed['trait']:.3f} / {healed['coherence']:.3f} | "
-            f"{gain['trait_gain']:+.3f} [{low:+.3f}, {high:+.3f}] | {gain['coherence_gain']:+.3f} {gain['note']}"
+            f"{result['round']:>5} | {len(result['curve']):>5} | "
+            f"{healed['trait']:.3f} / {healed['neutral_fluency']:.3f} | "
+            f"{gain['trait_gain']:+.3f} [{low:+.3f}, {high:+.3f}] | {gain['fluency_gain']:+.3f} {gain['note']}"
         )
     return "\n".join(lines)

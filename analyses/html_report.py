@@ -20,7 +20,7 @@ from analyses.frontier import frontier_figure
 from analyses.logit_lens import run_logit_lens
 from analyses.project_adapters import Projection, projection_figure, run_project_adapters
 from interp_heal.bake import bake, finished_rounds, student_at
-from interp_heal.coherence import LABELS, floor_column
+from interp_heal.coherence import LABELS, floor_column, read_frontier
 from interp_heal.config import Config
 from interp_heal.generate import generate_completions
 from interp_heal.io import atomic_write_text, read_json, read_jsonl, write_json
@@ -202,15 +202,15 @@ def _frontier_section(path: Path, static: bool) -> list[str]:
     evaluates the student at many doses, minutes per round)."""
     if not path.is_file():
         return []
-    results = read_json(path)
+    results = read_frontier(path)
     rows = [
-        [f"round {r['round']}", len(r["curve"]), r["healed"]["trait"], r["healed"]["coherence"],
+        [f"round {r['round']}", len(r["curve"]), r["healed"]["trait"], r["healed"]["neutral_fluency"],
          r["gain"]["trait_gain"], f"[{_cell(r['gain']['ci95'][0])}, {_cell(r['gain']['ci95'][1])}]",
-         r["gain"]["coherence_gain"], r["gain"]["note"]]
+         r["gain"]["fluency_gain"], r["gain"]["note"]]
         for r in results
     ]  # fmt: skip
-    header = ["round", "doses", "healed trait", "healed coherence", "healing gain at equal coherence", "95% CI",
-              "coherence gain at equal trait", "note"]  # fmt: skip
+    header = ["round", "doses", "healed trait", "healed neutral fluency", "healing gain at equal fluency", "95% CI",
+              "fluency gain at equal trait", "note"]  # fmt: skip
     return [
         f"<h2>{label('steering_less')}</h2>",
         "<p class='note'>The student each round started from, steered with that round's vector at a ladder of doses, "

@@ -8,17 +8,20 @@
 `loop.coherence` names which one `loop.coh_floor` applies to (`FLOOR_COLUMN`). Before these names, eval JSONs
 stored the MFV mass as `coherence` and metrics.csv had `coherence` (the MFV mass) and `loop_coherence` (the floor's
 quantity); `mfv_answer_mass` reads the old key and `renamed_columns` maps an old CSV row, so earlier run folders
-and sweep tables still load.
+and sweep tables still load. Frontier files (`cli.py frontier`) likewise called neutral fluency `coherence` and
+its gain `coherence_gain`; `read_frontier` renames them.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from interp_heal.adherence import adherence_ratio
 from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import neutral_fluency
+from interp_heal.io import read_json
 
 COHERENCE_COLUMNS = ("neutral_fluency", "mfv_answer_mass", "adherence_share")
 FLOOR_COLUMN = {"neutral": "neutral_fluency", "mfv": "mfv_answer_mass", "adherence": "adherence_share"}
@@ -77,3 +80,26 @@ def renamed_columns(row: dict[str, object], config: Config | None = None) -> dic
     if LEGACY_MFV_KEY in renamed:
         renamed.setdefault("mfv_answer_mass", renamed.pop(LEGACY_MFV_KEY))
     return renamed
+
+
+# Frontier JSON written before the rename: the points' neutral fluency and the gain at equal trait.
+LEGACY_FRONTIER_KEYS = {"coherence": "neutral_fluency", "coherence_gain": "fluency_gain"}
+
+
+def _renamed_keys(record: dict) -> dict:
+    return {LEGACY_FRONTIER_KEYS.get(key, key): value for key, value in record.items()}
+
+
+def renamed_frontier(result: dict) -> dict:
+    """One round's frontier result with any old key names renamed (its curve points, healed, prompt and gain)."""
+    renamed = dict(result)
+    renamed["curve"] = [_renamed_keys(point) for point in result["curve"]]
+    for part in ("healed", "prompt", "gain"):
+        renamed[part] = _renamed_keys(result[part])
+    return renamed
+
+
+def read_frontier(path: Path) -> dict | list[dict]:
+    """A frontier_round_XX.json (one result) or frontier.json (a list of them), in the current key names."""
+    data = read_json(path, "frontier file")
+    return [renamed_frontier(result) for result in data] if isinstance(data, list) else renamed_frontier(data)

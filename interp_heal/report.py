@@ -16,7 +16,7 @@ from loguru import logger
 from plotly.subplots import make_subplots
 
 from interp_heal.adherence import adherence_columns
-from interp_heal.coherence import COHERENCE_COLUMNS, LABELS, coherence_columns, floor_column
+from interp_heal.coherence import COHERENCE_COLUMNS, LABELS, coherence_columns, floor_column, read_frontier
 from interp_heal.config import Config
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
@@ -369,17 +369,18 @@ def _frontier(root: Path) -> list[str]:
         heading("steering_less") + " (`cli.py frontier`)",
         "",
         "The student each round started from, steered with that round's vector at a ladder of doses, against the "
-        "healed student. Gain = healed trait - the steering curve's trait at the healed coherence (CI over items).",
+        "healed. Gain = healed trait - the steering curve's trait at the healed neutral fluency [95% CI over items].",
         "",
-        "| round | doses | healed trait / coherence | healing gain [95% CI] | coherence gain at equal trait |",
+        "| round | doses | healed trait / neutral fluency | healing gain [95% CI] | fluency gain at equal trait |",
         "|---|---|---|---|---|",
     ]
-    for result in json.loads(path.read_text()):
+    for result in read_frontier(path):
         healed, gain = result["healed"], result["gain"]
         ci = f"[{_fmt(gain['ci95'][0])}, {_fmt(gain['ci95'][1])}]"
         lines.append(
-            f"| {result['round']} | {len(result['curve'])} | {_fmt(healed['trait'])} / {_fmt(healed['coherence'])} | "
-            f"{_fmt(gain['trait_gain'])} {ci} {gain['note']} | {_fmt(gain['coherence_gain'])} |"
+            f"| {result['round']} | {len(result['curve'])} | "
+            f"{_fmt(healed['trait'])} / {_fmt(healed['neutral_fluency'])} | "
+            f"{_fmt(gain['trait_gain'])} {ci} {gain['note']} | {_fmt(gain['fluency_gain'])} |"
         )
     return [*lines, ""]
 

@@ -1,7 +1,8 @@
 """One name per coherence quantity (issue 26): metrics columns, the floor's quantity, and the old names on read.
 
 `tests/fixtures/legacy_run` holds evals in the layout written before the rename (the MFV answer mass stored as
-`coherence`) and a sweep table with the old `loop_coherence` / `coherence` columns.
+`coherence`), a sweep table with the old `loop_coherence` / `coherence` columns, and a frontier with the fluency
+named `coherence`.
 """
 
 import csv
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from analyses.experiments import Run, reproduction_section
-from interp_heal.coherence import COHERENCE_COLUMNS, coherence_columns, floor_value, renamed_columns
+from analyses.frontier import CurvePoint, healing_gain
+from interp_heal.coherence import COHERENCE_COLUMNS, coherence_columns, floor_value, read_frontier, renamed_columns
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError, DataError
 from interp_heal.report import METRIC_FIELDS, metric_rows, summary_markdown
@@ -68,3 +70,16 @@ def test_a_floor_on_a_readout_that_does_not_run_is_refused_before_the_run():
                                (["loop.coherence=adherence", "eval.adherence=false"], "eval.adherence")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"needs {readout}=true"):
             load_config(SMOKE, overrides)
+
+
+def test_a_frontier_written_before_the_rename_reads_and_reports_as_fluency():
+    result = read_frontier(LEGACY / "analysis" / "frontier_round_00.json")
+    assert result["healed"]["neutral_fluency"] == 0.9 and result["gain"]["fluency_gain"] == 0.15
+    assert "coherence" not in result["curve"][0] and "coherence_gain" not in result["gain"]
+    curve = [CurvePoint(**point) for point in result["curve"]]
+    gain = healing_gain(curve, CurvePoint(**result["healed"]), n_bootstrap=50)
+    assert gain["trait_gain"] == pytest.approx(0.95 - 0.8)  # the curve's trait at fluency 0.9 is dose 1's
+    assert read_frontier(LEGACY / "analysis" / "frontier.json") == [result]
+    config = load_config(SMOKE, ["loop.rounds=1"])
+    summary = summary_markdown(metric_rows(LEGACY, config), LEGACY, config, {})
+    assert "| 0 | 3 | 0.950 / 0.900 | 0.150 [0.100, 0.200]  | 0.150 |" in summary
