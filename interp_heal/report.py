@@ -369,7 +369,7 @@ def _frontier(root: Path) -> list[str]:
         heading("steering_less") + " (`cli.py frontier`)",
         "",
         "The student each round started from, steered with that round's vector at a ladder of doses, against the "
-        "healed. Gain = healed trait - the steering curve's trait at the healed neutral fluency [95% CI over items].",
+        "healed student. Gain = healed trait - the curve's trait at the healed neutral fluency [95% CI over items].",
         "",
         "| round | doses | healed trait / neutral fluency | healing gain [95% CI] | fluency gain at equal trait |",
         "|---|---|---|---|---|",
