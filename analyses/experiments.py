@@ -33,7 +33,7 @@ from interp_heal.mfv import FOUNDATIONS
 from interp_heal.provenance import code_label
 from interp_heal.questions import heading, label
 from interp_heal.report import metric_rows, save_figure, stop_reason
-from interp_heal.run_folder import round_path
+from interp_heal.run_folder import round_dirs, round_path
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
@@ -80,7 +80,7 @@ def read_run(name: str, config: Config) -> Run | None:
     root = run_root(config)
     if not (root / "eval_base.json").is_file():
         return None
-    diary_files = [root / "demo_base.jsonl", *sorted(root.glob("round_*/demo.jsonl"))]
+    diary_files = [root / "demo_base.jsonl", *(path / "demo.jsonl" for _, path in round_dirs(root))]
     diary = [read_jsonl(path)[0]["completion"] for path in diary_files if path.is_file()]
     rows = metric_rows(root, config)
     for row in rows:
@@ -485,7 +485,7 @@ def arms_figure(runs: dict[str, Run], arms: list[str], anchor: str, title: str) 
 
 
 def _random_share_note(run: Run) -> str:
-    path = run_root(run.config) / "round_00" / "vector.safetensors"
+    path = round_path(run_root(run.config), 0) / "vector.safetensors"
     if not path.is_file():
         return "a random direction gives ~1/sqrt(d)"
     width = SteeringVector.load(path).directions.shape[-1]

@@ -24,7 +24,7 @@ from interp_heal.errors import DataError
 from interp_heal.io import write_json
 from interp_heal.models import load_configured_model
 from interp_heal.report import save_figure
-from interp_heal.run_folder import read_run
+from interp_heal.run_folder import read_run, round_dirs
 from interp_heal.steer import SteeringVector
 
 Readout = Callable[[torch.Tensor], torch.Tensor]
@@ -90,10 +90,11 @@ def lens_figure(rounds: list[dict[str, object]]) -> go.Figure:
 
 
 def round_vectors(run: Path) -> list[tuple[int, SteeringVector]]:
-    paths = sorted(run.glob("round_*/vector.safetensors"))
+    paths = [(index, path / "vector.safetensors") for index, path in round_dirs(run)]
+    paths = [(index, path) for index, path in paths if path.is_file()]
     if not paths:
         raise DataError(f"{run} has no round_XX/vector.safetensors")
-    return [(int(path.parent.name.split("_")[1]), SteeringVector.load(path)) for path in paths]
+    return [(index, SteeringVector.load(path)) for index, path in paths]
 
 
 def run_logit_lens(run: Path, out: Path | None = None, top_k: int = 10) -> dict[str, object]:

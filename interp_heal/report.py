@@ -76,7 +76,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
     prompt = _read(root / "eval_prompt.json")
     if prompt:
         rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base)})
-    vector_0 = root / "round_00" / "vector.safetensors"
+    vector_0 = round_path(root, 0) / "vector.safetensors"
     for round_index in range(config.loop.rounds):
         round_dir = round_path(root, round_index)
         collect, heal = _read(round_dir / "collect_summary.json"), _read(round_dir / "heal.json")

@@ -282,3 +282,11 @@ def round_name(round_index: int) -> str:
 
 def round_path(root: Path, round_index: int) -> Path:
     return root / round_name(round_index)
+
+
+def round_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Every round folder present in a run folder, as (round index, path), by index."""
+    found = [(path, path.name.removeprefix("round_")) for path in root.glob("round_*") if path.is_dir()]
+    return sorted(
+        (int(index), path) for path, index in found if index.isdigit() and path == round_path(root, int(index))
+    )
