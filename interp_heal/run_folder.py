@@ -148,11 +148,14 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
         except ConfigError as err:
             raise ConfigError(f"run folder {root} has a config this version cannot read ({err}); use --fresh") from None
         # Where the folder lives is not part of what the run is: a moved or copied run folder resumes.
-        if saved_config.model_copy(update={"output": config.output}) != config:
+        planned = _planning(saved_config, config)
+        if planned != config:
             raise ConfigError(
-                f"run folder {root} was made with a different config ({first_difference(saved_config, config)}); "
+                f"run folder {root} was made with a different config ({first_difference(planned, config)}); "
                 "rerun with --fresh to start over, or set output.name to use another folder"
             )
+        if saved_config.loop.rounds != config.loop.rounds:
+            logger.info(f"{root}: planned rounds {saved_config.loop.rounds} -> {config.loop.rounds} (finished kept)")
     if fresh and root.exists():
         shutil.rmtree(root)
     else:
@@ -160,6 +163,14 @@ def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
     return RunFolder(root)
+
+
+def _planning(saved: Config, config: Config) -> Config:
+    """The folder's config as `config` may resume it: where it lives does not count, and planning more rounds is
+    allowed (no finished stage reads `loop.rounds`, so a sweep can be carried from 2 rounds to 6). Fewer rounds
+    are not: the folder's later rounds would vanish from its reports."""
+    loop = saved.loop.model_copy(update={"rounds": max(saved.loop.rounds, config.loop.rounds)})
+    return saved.model_copy(update={"output": config.output, "loop": loop})
 
 
 def read_run(root: Path) -> Config:

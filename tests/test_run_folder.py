@@ -1,6 +1,15 @@
-"""Round folders are named and found by one module (issue 26: no other module formats a round path)."""
+"""Round folders are named and found by one module (issue 26: no other module formats a round path); a run folder
+resumes only under its own config, except that it may plan more rounds."""
 
-from interp_heal.run_folder import round_dirs, round_name, round_path
+from pathlib import Path
+
+import pytest
+
+from interp_heal.config import load_config
+from interp_heal.errors import ConfigError
+from interp_heal.run_folder import prepare_run_folder, round_dirs, round_name, round_path
+
+SMOKE = Path("configs/smoke.yaml")
 
 
 def test_round_dirs_finds_exactly_the_round_folders_by_index(tmp_path):
@@ -9,3 +18,16 @@ def test_round_dirs_finds_exactly_the_round_folders_by_index(tmp_path):
     (tmp_path / "round_02").write_text("a file, not a round")
     assert round_dirs(tmp_path) == [(0, tmp_path / "round_00"), (1, tmp_path / "round_01"), (10, tmp_path / "round_10")]
     assert round_name(3) == "round_03" and round_path(tmp_path, 3) == tmp_path / "round_03"
+
+
+def test_a_run_folder_can_plan_more_rounds_but_not_another_config(tmp_path):
+    config = load_config(SMOKE, [f"output.runs_dir={tmp_path}", "loop.rounds=1"])
+    prepare_run_folder(config)
+    more = config.model_copy(update={"loop": config.loop.model_copy(update={"rounds": 3})})
+    prepare_run_folder(more)  # carried further: nothing finished reads loop.rounds
+    assert load_config(tmp_path / config.output.name / "config.yaml").loop.rounds == 3
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_folder(config)  # fewer rounds than planned: the folder's later rounds would vanish from reports
+    other = more.model_copy(update={"loop": more.loop.model_copy(update={"rounds": 4, "coh_floor": 0.1})})
+    with pytest.raises(ConfigError, match="coh_floor"):
+        prepare_run_folder(other)
