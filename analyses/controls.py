@@ -76,6 +76,17 @@ def base_curve(anchor: Run) -> list[CurvePoint] | None:
     return [CurvePoint(**point) for point in result["curve"]] if result else None
 
 
+def seed_anchors(runs: dict[str, Run], anchor: str) -> dict[int, Run]:
+    """The anchor and its seed variants, by seed: every arm is read against the base curve and the anchor of its
+    own seed (a different seed extracts a different vector and samples different data)."""
+    return {run.config.seed: run for run in reversed(seed_group(runs, anchor))}
+
+
+def curve_for(run: Run, anchors: dict[int, Run]) -> list[CurvePoint] | None:
+    own = anchors.get(run.config.seed)
+    return base_curve(own) if own is not None else None
+
+
 def gain_cell(gain: dict | None) -> str:
     if gain is None:
         return "-"
@@ -101,25 +112,28 @@ def state_cells(run: Run, stage: str) -> list[str]:
 STATE_HEADER = "trait [95% CI] | neutral fluency | own replies kept / tail ppl | adherence [95% CI]"
 
 
-def two_by_two(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
+def two_by_two(runs: dict[str, Run], anchors: dict[int, Run]) -> list[str]:
     """Every arm at every finished round: the readouts and its place against the base steering curve."""
     lines = [
         heading("samples_or_distributions") + " Every arm, round by round",
         "",
         "Healed student of each arm after round r. *vs base steering curve*: its trait minus the base steering "
-        "curve's trait at its neutral fluency [95% CI over items] (> 0: above every dose of the plain vector).",
+        "curve's trait at its neutral fluency [95% CI over items] (> 0: above every dose of the plain vector); "
+        "each arm against the curve of its own seed.",
         "",
         f"| arm | source x target | round | {STATE_HEADER} | vs base steering curve |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
+        curve = curve_for(run, anchors)
         for r in run.rounds():
             gain = healing_gain(curve, student_point(run, r), N_BOOTSTRAP) if curve else None
             cells = state_cells(run, f"healed {r}")
             lines.append(f"| `{name}` | {arm_kind(run)} | {r} | {' | '.join(cells)} | {gain_cell(gain)} |")
-    anchor = next(iter(runs.values()))
-    for stage in ("base", "prompt-baseline"):
-        lines.append(f"| {stage} | - | - | {' | '.join(state_cells(anchor, stage))} | - |")
+    for seed, anchor in sorted(anchors.items()):
+        label = f" (seed {seed})" if len(anchors) > 1 else ""
+        for stage in ("base", "prompt-baseline"):
+            lines.append(f"| {stage}{label} | - | - | {' | '.join(state_cells(anchor, stage))} | - |")
     return [*lines, ""]
 
 
@@ -148,39 +162,41 @@ def prompting_line(anchor: Run, curve: list[CurvePoint]) -> str:
     )
 
 
-def steering_less(runs: dict[str, Run], curve: list[CurvePoint] | None) -> list[str]:
-    """Q4, from the steer arms' own per-round frontiers and the base curve."""
+def steering_less(runs: dict[str, Run], anchors: dict[int, Run], anchor: Run) -> list[str]:
+    """Q4, from the steer arms' own per-round frontiers and the base curve of their seed."""
     lines = [heading("steering_less"), ""]
+    curve = base_curve(anchor)
     if curve is None:
         return [*lines, "No frontier yet: `python cli.py frontier --run DIR` on the anchor run.", ""]
     doses = ", ".join(f"{p.dose:.2f}: {p.trait:.3f} / {p.neutral_fluency:.3f}" for p in curve)
     lines += [
-        f"Base steering curve (dose: trait / neutral fluency): {doses}.",
+        f"Base steering curve of `{anchor.name}` (dose: trait / neutral fluency): {doses}.",
         "",
         "| arm | round | healed trait / fluency | gain at equal fluency, own frontier [95% CI] | fluency gain at "
         "equal trait | gain over the base curve [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
-    anchor = next(iter(runs.values()))
     for name, run in runs.items():
-        if run.config.loop.source != "steer":
+        seed_curve = curve_for(run, anchors)
+        if run.config.loop.source != "steer" or seed_curve is None:
             continue
         for r in run.rounds():
             point = student_point(run, r)
-            own_gain = own_frontier_gain(run, r, anchor, curve, point)
+            own_gain = own_frontier_gain(run, r, anchors[run.config.seed], seed_curve, point)
             fluency_gain = f"{own_gain['fluency_gain']:+.3f}" if own_gain else "-"
             lines.append(
                 f"| `{name}` | {r} | {point.trait:.3f} / {point.neutral_fluency:.3f} | {gain_cell(own_gain)} | "
-                f"{fluency_gain} | {gain_cell(healing_gain(curve, point, N_BOOTSTRAP))} |"
+                f"{fluency_gain} | {gain_cell(healing_gain(seed_curve, point, N_BOOTSTRAP))} |"
             )
-    return [*lines, "", *verdicts(runs, curve, "steer"), "", prompting_line(anchor, curve), ""]
+    return [*lines, "", *verdicts(runs, anchors, "steer"), "", prompting_line(anchor, curve), ""]
 
 
-def verdicts(runs: dict[str, Run], curve: list[CurvePoint], source: str) -> list[str]:
-    """One sentence per arm of `source`: where its students sit against the base curve, from the CIs."""
+def verdicts(runs: dict[str, Run], anchors: dict[int, Run], source: str) -> list[str]:
+    """One sentence per arm of `source`: where its students sit against its seed's base curve, from the CIs."""
     lines = []
     for name, run in runs.items():
-        if run.config.loop.source != source:
+        curve = curve_for(run, anchors)
+        if run.config.loop.source != source or curve is None:
             continue
         above, within, below, unspanned = [], [], [], []
         for r in run.rounds():
@@ -196,21 +212,22 @@ def verdicts(runs: dict[str, Run], curve: list[CurvePoint], source: str) -> list
     return lines
 
 
-def steering_needed(runs: dict[str, Run], anchor: str) -> list[str]:
-    """Q5: each other arm against the anchor at the same round, paired over readout items."""
+def steering_needed(runs: dict[str, Run], anchor: str, anchors: dict[int, Run]) -> list[str]:
+    """Q5: each other arm against the anchor of its seed at the same round, paired over readout items."""
     lines = [
         heading("steering_needed"),
         "",
-        f"Each arm's healed student minus `{anchor}`'s at the same round, trait paired over the same items "
-        "[95% CI]; fluency, generation keep-rate and adherence as differences of point values.",
+        f"Each arm's healed student minus that of `{anchor}` at the arm's seed (the anchor or its seed variant), at "
+        "the same round: trait paired over the same items [95% CI]; fluency, generation keep-rate and adherence as "
+        "differences of point values.",
         "",
-        "| arm | round | trait difference [95% CI] | fluency difference | own replies kept difference | adherence "
-        "difference |",
-        "|---|---|---|---|---|---|",
+        "| arm | against | round | trait difference [95% CI] | fluency difference | own replies kept difference | "
+        "adherence difference |",
+        "|---|---|---|---|---|---|---|",
     ]
-    reference = runs[anchor]
     for name, run in runs.items():
-        if name == anchor:
+        reference = anchors.get(run.config.seed)
+        if reference is None or reference is run:
             continue
         for r in sorted(set(run.rounds()) & set(reference.rounds())):
             stage = f"healed {r}"
@@ -222,7 +239,8 @@ def steering_needed(runs: dict[str, Run], anchor: str) -> list[str]:
                 run.value(stage, "adherence") - reference.value(stage, "adherence"),
             ]
             cells = " | ".join("-" if math.isnan(d) else f"{d:+.3f}" for d in deltas)
-            lines.append(f"| `{name}` | {r} | {diff['diff']:+.3f} [{low:+.3f}, {high:+.3f}] | {cells} |")
+            trait = f"{diff['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            lines.append(f"| `{name}` | `{reference.name}` | {r} | {trait} | {cells} |")
     return [*lines, ""]
 
 
@@ -325,6 +343,7 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
     runs = {anchor: runs[anchor], **{name: run for name, run in runs.items() if name != anchor}}
     out.mkdir(parents=True, exist_ok=True)
     curve = base_curve(runs[anchor])
+    anchors = seed_anchors(runs, anchor)
     full = {name: run for name, run in runs.items() if run.config.heal.max_examples is None}
     save_figure(pareto_figure(full, curve), out / "pareto")
     atomic_write_text(out / "controls.csv", experiments_csv(runs))
@@ -349,11 +368,11 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "",
         code_note(runs),
         "",
-        *two_by_two(full, curve),
+        *two_by_two(full, anchors),
         "![Pareto](pareto.png)",
         "",
-        *steering_less(full, curve),
-        *steering_needed(full, anchor),
+        *steering_less(full, anchors, runs[anchor]),
+        *steering_needed(full, anchor, anchors),
         *sample_efficiency(runs),
         *diary_section(runs),
     ]

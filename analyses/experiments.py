@@ -141,10 +141,15 @@ def most_moved_off_target(run: Run, stage: str) -> str:
 
 
 def seed_group(runs: dict[str, Run], anchor: str) -> list[Run]:
-    """The anchor run and every run whose config differs from it only in the seed."""
+    """The anchor run and every run whose config differs from it only in the seed (and in how many rounds it plans:
+    a seed variant may be run for fewer rounds; its bands simply stop where it does)."""
     base = runs[anchor].config
-    return [run for run in runs.values() if run.config.model_copy(update={"seed": base.seed, "output": base.output})
-            == base]  # fmt: skip
+
+    def aligned(config: Config) -> Config:
+        loop = config.loop.model_copy(update={"rounds": base.loop.rounds})
+        return config.model_copy(update={"seed": base.seed, "output": base.output, "loop": loop})
+
+    return [run for run in runs.values() if aligned(run.config) == base]
 
 
 @dataclass(frozen=True)

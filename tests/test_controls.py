@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from analyses.controls import verdicts
-from analyses.experiments import Run
+from analyses.controls import seed_anchors, verdicts
+from analyses.experiments import Run, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from cli import app
 from interp_heal.config import load_config
@@ -58,7 +58,7 @@ def test_the_controls_sweep_reports_every_arm_against_the_base_steering_curve(tm
     expected = f"{gain['trait_gain']:+.3f}" if not gain["note"] else "not spanned"
     assert expected in row.split(" | ")[-1]
     diff = paired_difference(prompt_trait, steer_trait, 2000)
-    assert f"| `prompt_tokens` | 0 | {diff['diff']:+.3f} [" in report
+    assert f"| `prompt_tokens` | `steer_tokens` | 0 | {diff['diff']:+.3f} [" in report
     assert steer_point.trait == frontier["healed"]["trait"]
 
 
@@ -73,7 +73,24 @@ def test_verdicts_bucket_rounds_by_their_interval(tmp_path, monkeypatch):
               2: CurvePoint(0, 0.1, 0.2, 0.0, [0.1] * 4)}  # fluency 0.2 is below the curve's range  # fmt: skip
     monkeypatch.setattr("analyses.controls.student_point", lambda run, r: points[r])
     monkeypatch.setattr(Run, "rounds", lambda self: [0, 1, 2])
-    line = verdicts({"arm": _run("arm", tmp_path)}, curve, "steer")[0]
+    monkeypatch.setattr("analyses.controls.curve_for", lambda run, anchors: curve)
+    line = verdicts({"arm": _run("arm", tmp_path)}, {}, "steer")[0]
     assert healing_gain(curve, points[0], 200)["ci95"][0] > 0
     assert line == "- `arm`: above the curve (CI > 0) in rounds 0; on it (CI spans 0) in rounds 1; outside its " \
                    "fluency range in rounds 2."  # fmt: skip
+
+
+def test_each_arm_is_read_against_the_anchor_of_its_own_seed():
+    """A seed variant (even one planned for fewer rounds) anchors the arms of its seed: their base curve and their
+    Q5 reference come from the same seed's vector and data, never another seed's."""
+
+    def run(name: str, *overrides: str) -> Run:
+        return Run(name, load_config(SMOKE, list(overrides)), [], [], [])
+
+    seed = load_config(SMOKE).seed
+    runs = {"steer": run("steer"), "prompt": run("prompt", "loop.source=prompt"),
+            "steer_seed9": run("steer_seed9", "seed=9", "loop.rounds=1"),
+            "prompt_seed9": run("prompt_seed9", "seed=9", "loop.source=prompt")}  # fmt: skip
+    anchors = seed_anchors(runs, "steer")
+    assert {key: value.name for key, value in anchors.items()} == {seed: "steer", 9: "steer_seed9"}
+    assert [member.name for member in seed_group(runs, "steer")] == ["steer", "steer_seed9"]
