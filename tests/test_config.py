@@ -1,13 +1,15 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from interp_heal.config import Config, config_from_dict, load_config, save_config
 from interp_heal.errors import ConfigError
+from interp_heal.sweep import load_sweep, sweep_configs
 
 # Sweep files (a `runs:` table over a base preset) are checked in test_sweep.py; every other YAML is a run config.
-SWEEPS = {"experiments", "controls"}
-PRESETS = sorted(p for p in Path("configs").glob("*.yaml") if p.stem not in SWEEPS)
+SWEEPS = sorted(p for p in Path("configs").glob("*.yaml") if "runs" in (yaml.safe_load(p.read_text()) or {}))
+PRESETS = sorted(set(Path("configs").glob("*.yaml")) - set(SWEEPS))
 
 
 def test_defaults_validate():
@@ -119,3 +121,11 @@ def test_committed_config_reference_is_current():
     assert Path("docs/config.md").read_text() == config_markdown() + "\n", (
         "docs/config.md is stale: python cli.py config --markdown > docs/config.md"
     )
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_file_resolves_its_runs(sweep):
+    """A sweep file is recognised by its `runs:` table and must resolve every run (its frontier and anchor too)."""
+    settings, configs = load_sweep(sweep), sweep_configs(sweep)
+    assert settings.anchor in configs and set(settings.frontier) <= set(configs)
+    assert {"experiments", "controls", "controls_seeds"} <= {path.stem for path in SWEEPS}
