@@ -99,7 +99,10 @@ def test_tokens_mode_matches_the_committed_reference(tokenizer):
     actual = _tokens_mode_losses(tokenizer)
     for agg, numbers in expected.items():
         for key, value in numbers.items():
-            assert actual[agg][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (agg, key)
+            # The KL terms (~0.01) are differences of nearly equal float32 log-probs: another CPU's kernels move
+            # them by up to ~7e-5 relative (measured between two Xeons); a change to the loss moves them far more.
+            rel = 2e-4 if key.startswith("kl_") or key == "barrier" else 1e-5
+            assert actual[agg][key] == pytest.approx(value, rel=rel, abs=1e-7), (agg, key)
 
 
 def test_distillation_gradient_is_zero_when_the_teacher_is_the_student(tokenizer):
