@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from interp_heal.config import FilterConfig, GenerateConfig
 from interp_heal.errors import DataError, InterpHealError
-from interp_heal.filter import ScoredCompletion, filter_completions, summarise
+from interp_heal.filter import ScoredCompletion, dose_keep_rate, filter_completions, summarise
 from interp_heal.generate import Completion, generate_completions
 from interp_heal.io import jsonl_records, write_json, write_jsonl
 from interp_heal.personas import PersonaPair, render_prompts
@@ -173,7 +173,7 @@ def collect_kept_completions(
 
     if filter_config.kl_target is None:
         dose = bisect_dose(
-            measure=lambda kappa: float(summarise(run_batch(kappa))["keep_rate"]),
+            measure=lambda kappa: dose_keep_rate(run_batch(kappa), filter_config.dose_ignores),
             passes=lambda keep_rate: keep_rate >= filter_config.keep_target,
             kappa_min=filter_config.kappa_min,
             steps=filter_config.bisect_steps,

@@ -131,6 +131,21 @@ NARRATION_PHRASES = {
 }
 
 
+# Every reason the filter can give for dropping a completion (filter.drop_reasons emits exactly these).
+DropReason = Literal[
+    "empty",
+    "truncated",
+    "tail_ppl",
+    "max_token_nll",
+    "repetition",
+    "compression",
+    "distinct_tokens",
+    "refusal",
+    "narration",
+    "off_prompt",
+]
+
+
 class FilterConfig(Section):
     """Which completions are kept for training, and the dose controller that picks the coefficient."""
 
@@ -159,6 +174,11 @@ class FilterConfig(Section):
         None,
         description="Drop a completion as off_prompt when its base-scored PMI with its own prompt against another "
         "prompt of its batch is below this (nats/token; docs/pipeline.md); None = off.",
+    )
+    dose_ignores: list[DropReason] = Field(
+        default_factory=list,
+        description="Drop reasons the dose controller does not count: a probe completion dropped only for these "
+        "passes its keep-rate (still dropped from training), e.g. [off_prompt] filters adherence without dosing on it.",
     )
 
 

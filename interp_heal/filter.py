@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -224,3 +225,10 @@ def summarise(records: list[ScoredCompletion]) -> dict[str, object]:
         "keep_rate": kept / len(records) if records else 0.0,
         "drop_reasons": dict(sorted(reasons.items())),
     }
+
+
+def dose_keep_rate(records: list[ScoredCompletion], ignored: Iterable[str] = ()) -> float:
+    """The keep-rate the dose controller reads: the share of records with no drop reason outside `ignored`."""
+    ignored = set(ignored)
+    passing = sum(not set(record.reasons) - ignored for record in records)
+    return passing / len(records) if records else 0.0

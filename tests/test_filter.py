@@ -1,8 +1,10 @@
 import math
+from typing import get_args
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from pydantic import ValidationError
 
 from interp_heal.collect import (
     Collection,
@@ -12,8 +14,15 @@ from interp_heal.collect import (
     check_not_starved,
     collect_kept_completions,
 )
-from interp_heal.config import FilterConfig, GenerateConfig
-from interp_heal.filter import CompletionScores, ScoredCompletion, base_token_nlls, drop_reasons, filter_completions
+from interp_heal.config import DropReason, FilterConfig, GenerateConfig
+from interp_heal.filter import (
+    CompletionScores,
+    ScoredCompletion,
+    base_token_nlls,
+    dose_keep_rate,
+    drop_reasons,
+    filter_completions,
+)
 from interp_heal.generate import Completion
 from interp_heal.personas import BUILTIN_AXES, task_prompts
 from interp_heal.text_scores import compression_ratio, distinct_token_ratio, persona_overlap, repetition_fraction
@@ -218,3 +227,46 @@ def test_kl_target_dose(tiny_model, tokenizer):
     assert middle.passed and middle.kappa < 1.0
     assert all(kl <= kl_at_full_dose / 3 for kappa, kl in middle.probes if kappa == middle.kappa)
     assert dose(1e-9).passed is False
+
+
+def test_every_drop_reason_is_one_the_config_names():
+    config = FilterConfig(min_adherence=0.5, refusal_phrases=["x"], narration_phrases={"love": ["y"]})
+    failing = CompletionScores(1, 9.0, 1e12, 1e12, 1.0, 0.0, 0.0, 1.0, ["x"], ["y"], adherence=0.0)
+    assert drop_reasons(failing, "", config) == list(get_args(DropReason))
+    assert drop_reasons(failing, "a", config) == list(get_args(DropReason))[1:]
+
+
+def _with_reasons(tokenizer, reasons: list[str]) -> ScoredCompletion:
+    return ScoredCompletion(_completion(tokenizer, FLUENT), None, reasons, 1.0, 0)
+
+
+def test_dose_keep_rate_passes_only_records_dropped_for_ignored_reasons(tokenizer):
+    records = [_with_reasons(tokenizer, r) for r in ([], ["off_prompt"], ["off_prompt", "repetition"], ["repetition"])]
+    assert dose_keep_rate(records) == 0.25
+    assert dose_keep_rate(records, ["off_prompt"]) == 0.5
+    assert dose_keep_rate(records, ["off_prompt", "repetition"]) == 1.0
+    assert dose_keep_rate([], ["off_prompt"]) == 0.0
+
+
+def test_dose_ignores_names_real_reasons():
+    assert FilterConfig(dose_ignores=["off_prompt"]).dose_ignores == ["off_prompt"]
+    with pytest.raises(ValidationError, match="off_topic"):
+        FilterConfig(dose_ignores=["off_topic"])
+
+
+def test_collect_doses_on_what_dose_ignores_leaves(tiny_model, tokenizer):
+    # Every completion is off-prompt (no reply's PMI reaches 1e9): counted, the full dose fails its probe and the
+    # bisection walks down; ignored, the full dose passes at once. Nothing is kept either way (starved).
+    def dose(ignored: list[str]) -> float:
+        with pytest.raises(StarvedDataError) as caught:
+            collect_kept_completions(
+                tiny_model, tokenizer, _random_vector(), BUILTIN_AXES["love"], task_prompts(8), [1.0],
+                GenerateConfig(n_prompts=4, max_new_tokens=10, batch_size=4),
+                _lenient(min_adherence=1e9, dose_ignores=ignored, bisect_steps=1), seed=0,
+            )  # fmt: skip
+        collection = caught.value.collection
+        assert collection is not None and set(collection.summary()["drop_reasons"]) == {"off_prompt"}
+        return collection.dose.kappa
+
+    assert dose(["off_prompt"]) == 1.0
+    assert dose([]) < 1.0
