@@ -25,8 +25,8 @@ from interp_heal.filter import ScoredCompletion, dose_keep_rate, filter_completi
 from interp_heal.generate import Completion, generate_completions
 from interp_heal.io import jsonl_records, write_json, write_jsonl
 from interp_heal.personas import PersonaPair, render_prompts
-from interp_heal.sequences import base_model, pad_left, token_kl
-from interp_heal.steer import SteeringVector, steered_logits
+from interp_heal.sequences import base_model, hidden_kl, pad_left, scored_hidden
+from interp_heal.steer import SteeringVector, steered_final_hidden
 
 
 class StarvedDataError(InterpHealError):
@@ -123,12 +123,10 @@ def mean_steered_kl(
             device,
         )
         with torch.inference_mode():
-            steered = steered_logits(
-                model, tokenizer, batch.model_inputs(), vector, coeff, logits_to_keep=batch.n_scored
-            )
+            steered = batch.at_targets(steered_final_hidden(model, tokenizer, batch.model_inputs(), vector, coeff))
             with base_model(model) as base:
-                reference = base(**batch.scored_inputs()).logits
-        kl = batch.at_targets(token_kl(steered, reference))
+                reference = scored_hidden(base, batch)
+            kl = hidden_kl(model, steered, reference)
         total, count = total + float(kl.sum()), count + kl.numel()
     return total / max(count, 1)
 

@@ -34,8 +34,16 @@ from interp_heal.mfv import (
 )
 from interp_heal.paired_items import ReadoutItems
 from interp_heal.personas import render_prompts
-from interp_heal.sequences import base_model, continuation_logprobs, kl_aggregates, pad_left, token_kl
-from interp_heal.steer import Steering, steered_logits
+from interp_heal.sequences import (
+    base_model,
+    hidden_kl,
+    kl_aggregates,
+    pad_left,
+    scored_hidden,
+    target_ids,
+    target_logprobs,
+)
+from interp_heal.steer import Steering, steered_final_hidden
 
 # Irrelevant persona pair for the validity check: a real trait readout must separate the axis' pos/neg
 # personas by more than it separates these.
@@ -73,15 +81,15 @@ def reply_logprobs(
             prompts[start : start + batch_size], reply_ids[start : start + batch_size], tokenizer.pad_token_id, device
         )
         with torch.inference_mode():
-            logits = steered_logits(
-                model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff, logits_to_keep=batch.n_scored
+            hidden = batch.at_targets(
+                steered_final_hidden(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
             )
-            logprobs.extend(row.cpu() for row in continuation_logprobs(logits, batch))
+            picked = target_logprobs(model, hidden, batch.at_targets(target_ids(batch)))
+            logprobs.extend(row.cpu() for row in batch.split_targets(picked))
             if with_base_kl:
                 with base_model(model) as base:
-                    base_logits = base(**batch.scored_inputs()).logits
-                kl = token_kl(logits, base_logits)
-                kls.extend(row.cpu() for row in batch.rows_at_targets(kl))
+                    base_hidden = scored_hidden(base, batch)
+                kls.extend(row.cpu() for row in batch.split_targets(hidden_kl(model, hidden, base_hidden)))
     return logprobs, kls
 
 

@@ -46,6 +46,10 @@ class PaddedBatch:
         """Rows of a [B, T', ...] tensor (T' <= T trailing positions) at the continuation-predicting positions."""
         return per_position[self.target_mask[:, -per_position.shape[1] :]]
 
+    def split_targets(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat [n_targets, ...] tensor in `at_targets` order (row by row), kept apart per batch row."""
+        return list(flat.split(self.target_mask.sum(dim=1).tolist()))
+
     def rows_at_targets(self, per_position: torch.Tensor) -> list[torch.Tensor]:
         """`at_targets`, kept apart per row: one 1-D tensor per batch row."""
         mask = self.target_mask[:, -per_position.shape[1] :]
@@ -131,6 +135,31 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
         ]
     )
     return kl.view(logits_p.shape[:-1])
+
+
+def target_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each of n positions from the final hidden states that predict them ([n, d], [n]),
+    unembedded a chunk of positions at a time: peak memory grows with the chunk, not with n x vocabulary."""
+    return torch.cat(
+        [
+            torch.log_softmax(unembed(model, hidden[chunk]), dim=-1).gather(-1, targets[chunk, None]).squeeze(-1)
+            for chunk in position_chunks(len(hidden), vocab_size(model))
+        ]
+    )
+
+
+def hidden_kl(model: nn.Module, hidden_p: torch.Tensor, hidden_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at each of n positions between the distributions that `model`'s head makes of two final
+    hidden states ([n, d] each: e.g. steered and base), a chunk of positions at a time (see `token_kl`)."""
+    return torch.cat(
+        [
+            kl_from_logprobs(
+                torch.log_softmax(unembed(model, hidden_p[chunk]), -1),
+                torch.log_softmax(unembed(model, hidden_q[chunk]), -1),
+            )
+            for chunk in position_chunks(len(hidden_p), vocab_size(model))
+        ]
+    )
 
 
 def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -5,17 +5,26 @@ import pytest
 import torch
 
 from interp_heal import sequences
+from interp_heal.collect import mean_steered_kl
 from interp_heal.config import HealConfig
+from interp_heal.evaluate import reply_logprobs
+from interp_heal.filter import base_token_nlls
+from interp_heal.generate import Completion
 from interp_heal.heal import add_fresh_adapter, batch_loss
+from interp_heal.personas import render_prompts
 from interp_heal.sequences import (
     continuation_logprobs,
+    hidden_kl,
     kl_from_logprobs,
     pad_left,
     scored_hidden,
     target_ids,
+    target_logprobs,
     token_kl,
     unembed,
 )
+from interp_heal.steer import Steering, steered_logits
+from tests.test_steer import _random_vector
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -72,6 +81,54 @@ def test_chunked_scoring_equals_the_full_vocabulary_formulas(tiny_model, tokeniz
     for chunked, full in zip(continuation_logprobs(logits, batch), batch.rows_at_targets(full_lp), strict=True):
         torch.testing.assert_close(chunked, full, **TOL)
     torch.testing.assert_close(token_kl(logits, other), full_kl, **TOL)
+
+
+def test_hidden_state_scoring_equals_the_full_logits_formulas(tiny_model, tokenizer, monkeypatch):
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        logits = batch.at_targets(tiny_model(**batch.model_inputs()).logits).float()
+        hidden = scored_hidden(tiny_model, batch)
+    other_hidden = hidden + torch.randn_like(hidden)
+    targets = batch.at_targets(target_ids(batch))
+    full_lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    full_kl = kl_from_logprobs(torch.log_softmax(logits, -1), torch.log_softmax(unembed(tiny_model, other_hidden), -1))
+    _small_chunks(monkeypatch, tokenizer, positions=2)
+    with torch.no_grad():
+        torch.testing.assert_close(target_logprobs(tiny_model, hidden, targets), full_lp, **TOL)
+        torch.testing.assert_close(hidden_kl(tiny_model, hidden, other_hidden), full_kl, **TOL)
+    rows = batch.split_targets(full_lp)
+    assert [len(row) for row in rows] == batch.target_mask.sum(1).tolist()
+    torch.testing.assert_close(torch.cat(rows), full_lp)
+
+
+def test_readers_equal_their_full_logits_versions(tiny_model, tokenizer, monkeypatch):
+    """The filter's base NLLs, the readouts' log-probs and KL, and the dose controller's KL read hidden states and
+    unembed a chunk at a time; each equals the same number computed from the model's full logits."""
+    _small_chunks(monkeypatch, tokenizer, positions=2)
+    users, replies = ["Name a red fruit.", "Say hi."], ["A strawberry is red.", "Hi there, friend!"]
+    steering = Steering(_random_vector(scale=2.0), 1.0)
+    logprobs, kls = reply_logprobs(tiny_model, tokenizer, users, replies, 4, steering, with_base_kl=True)
+    prompts = tokenizer(render_prompts(tokenizer, users), add_special_tokens=False)["input_ids"]
+    reply_ids = [tokenizer.encode(reply, add_special_tokens=False) for reply in replies]
+    batch = pad_left(prompts, reply_ids, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        steered = steered_logits(tiny_model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
+        base = tiny_model(**batch.model_inputs()).logits
+    full_lp = torch.log_softmax(steered.float(), -1).gather(-1, target_ids(batch)[..., None]).squeeze(-1)
+    full_kl = kl_from_logprobs(torch.log_softmax(steered.float(), -1), torch.log_softmax(base.float(), -1))
+    for chunked, full in zip(logprobs, batch.rows_at_targets(full_lp), strict=True):
+        torch.testing.assert_close(chunked, full, **TOL)
+    for chunked, full in zip(kls, batch.rows_at_targets(full_kl), strict=True):
+        torch.testing.assert_close(chunked, full, **TOL)
+
+    completions = [Completion(u, r, 1.0, ids, "eos", 0) for u, r, ids in zip(users, replies, reply_ids, strict=True)]
+    base_lp = torch.log_softmax(base.float(), -1).gather(-1, target_ids(batch)[..., None]).squeeze(-1)
+    for nll, full in zip(
+        base_token_nlls(tiny_model, tokenizer, completions), batch.rows_at_targets(base_lp), strict=True
+    ):
+        torch.testing.assert_close(nll, -full, **TOL)
+    mean_kl = mean_steered_kl(tiny_model, tokenizer, completions, steering.vector)
+    assert mean_kl == pytest.approx(float(batch.at_targets(full_kl).mean()), rel=1e-5)
 
 
 def _unchunked_loss(model, batch, ref_log_probs, config):

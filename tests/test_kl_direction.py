@@ -11,7 +11,7 @@ import torch
 from interp_heal.bake import adapter_name
 from interp_heal.evaluate import reply_logprobs
 from interp_heal.heal import add_fresh_adapter, batch_loss, reference_log_probs
-from interp_heal.sequences import kl_from_logprobs, token_kl
+from interp_heal.sequences import hidden_kl, kl_from_logprobs, token_kl
 from interp_heal.steer import Steering
 from tests.test_heal import FAST, _batch, _completions, _randomise_lora_b
 from tests.test_steer import _random_vector
@@ -35,23 +35,25 @@ def test_the_docs_state_the_directions():
 def test_the_evaluation_reads_kl_of_the_model_from_the_base(tiny_model, tokenizer, monkeypatch):
     calls = []
 
-    def spy(logits_p, logits_q):
-        calls.append((logits_p.clone(), logits_q.clone()))
-        return token_kl(logits_p, logits_q)
+    def spy(model, hidden_p, hidden_q):
+        calls.append((hidden_p.clone(), hidden_q.clone()))
+        return hidden_kl(model, hidden_p, hidden_q)
 
     # sys.modules: the package's public API exports the function `evaluate`, which shadows the module name.
-    monkeypatch.setattr(sys.modules["interp_heal.evaluate"], "token_kl", spy)
+    monkeypatch.setattr(sys.modules["interp_heal.evaluate"], "hidden_kl", spy)
     users, replies = ["Name a red fruit."], ["A strawberry is red."]
     reply_logprobs(tiny_model, tokenizer, users, replies, 4, Steering(), with_base_kl=True)
     steering = Steering(_random_vector(scale=2.0), 1.0)
     _, kls = reply_logprobs(tiny_model, tokenizer, users, replies, 4, steering, with_base_kl=True)
     (plain, _), (steered, base) = calls
-    assert torch.allclose(base, plain, atol=1e-5), "the second argument is the base (the unsteered model's logits)"
+    assert torch.allclose(base, plain, atol=1e-5), "the second argument is the base (the unsteered model's state)"
     assert not torch.allclose(steered, base, atol=1e-3), "the first is the steered model"
-    # Which argument is which is pinned above; that token_kl's first argument is the expectation's, by
-    # test_token_kl_is_the_expectation_under_its_first_argument (the random model's near-uniform outputs make
-    # both directions agree to 1e-4 here, so they cannot tell the directions apart themselves).
-    assert torch.allclose(torch.cat(kls), token_kl(steered, base)[0, : len(kls[0])], rtol=1e-4)
+    # Which argument is which is pinned above; that the KL's first argument is the expectation's, by
+    # test_token_kl_is_the_expectation_under_its_first_argument (hidden_kl uses the same kl_from_logprobs; the
+    # random model's near-uniform outputs make both directions agree to 1e-4 here, so they cannot tell them apart).
+    with torch.inference_mode():
+        expected = hidden_kl(tiny_model, steered, base)
+    assert torch.allclose(torch.cat(kls), expected, rtol=1e-4)
 
 
 def test_the_barrier_reads_kl_of_the_student_from_the_reference(tiny_model, tokenizer, monkeypatch):
