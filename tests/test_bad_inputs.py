@@ -29,6 +29,7 @@ from cli import app
 from interp_heal import io as io_module
 from interp_heal.config import load_config
 from interp_heal.loop import run_loop
+from interp_heal.models import TINY_RANDOM, build_tiny_llama, load_tokenizer
 from interp_heal.run_folder import RunFolder
 from interp_heal.steer import SteeringVector
 
@@ -64,6 +65,14 @@ def write(relative: str, text: str) -> Callable[[Path], None]:
         path.write_text(text)
 
     return setup
+
+
+def model_with_unrenderable_template(tmp: Path) -> None:
+    """A local model folder whose tokenizer has a chat template that renders no chat at all."""
+    tokenizer = load_tokenizer(TINY_RANDOM)
+    build_tiny_llama(len(tokenizer)).save_pretrained(tmp / "model")
+    tokenizer.chat_template = "{{ raise_exception('this template renders no chat') }}"
+    tokenizer.save_pretrained(tmp / "model")
 
 
 def write_bytes(relative: str, data: bytes) -> Callable[[Path], None]:
@@ -221,6 +230,8 @@ CASES = [
     Case("model-folder-bad-config", ["plan", SET, "model.spec={tmp}/model"], "{tmp}/model",
          setup=write("model/config.json", "{not json")),
     Case("model-config-missing", ["plan", "--model-config", "{tmp}/config.json"], "config.json"),
+    Case("model-template-renders-nothing", ["steer", "-c", str(SMOKE), SET, "model.spec={tmp}/model", "-o", "{tmp}/o"],
+         "model.chat_format: plain", also=("cannot render",), setup=model_with_unrenderable_template),
     Case("model-config-not-json", ["plan", "--model-config", "{tmp}/config.json"], "config.json",
          setup=write("config.json", '{"num_hidden_layers": 4,\n')),
     Case("model-config-no-model-type", ["plan", "--model-config", "{tmp}/config.json"], "config.json",
