@@ -40,7 +40,7 @@ from interp_heal.sequences import (
     kl_aggregates,
     pad_left,
     scored_hidden,
-    target_ids,
+    scored_target_ids,
     target_logprobs,
 )
 from interp_heal.steer import Steering, steered_final_hidden
@@ -84,7 +84,7 @@ def reply_logprobs(
             hidden = batch.at_targets(
                 steered_final_hidden(model, tokenizer, batch.model_inputs(), steering.vector, steering.coeff)
             )
-            picked = target_logprobs(model, hidden, batch.at_targets(target_ids(batch)))
+            picked = target_logprobs(model, hidden, scored_target_ids(batch))
             logprobs.extend(row.cpu() for row in batch.split_targets(picked))
             if with_base_kl:
                 with base_model(model) as base:

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from interp_heal.config import FilterConfig
 from interp_heal.generate import Completion
 from interp_heal.personas import PersonaPair, render_prompts
-from interp_heal.sequences import base_model, pad_left, scored_hidden, target_ids, target_logprobs
+from interp_heal.sequences import base_model, pad_left, scored_hidden, scored_target_ids, target_logprobs
 from interp_heal.text_scores import (
     compression_ratio,
     distinct_token_ratio,
@@ -72,7 +72,7 @@ def base_token_nlls(
         prompts = prompt_ids["input_ids"][start : start + batch_size]
         batch = pad_left(prompts, [c.token_ids for c in chunk], tokenizer.pad_token_id, device)
         with torch.inference_mode(), base_model(model) as base:
-            logprobs = target_logprobs(base, scored_hidden(base, batch), batch.at_targets(target_ids(batch)))
+            logprobs = target_logprobs(base, scored_hidden(base, batch), scored_target_ids(batch))
         nlls.extend((-row).cpu() for row in batch.split_targets(logprobs))
     return nlls
 

@@ -49,7 +49,7 @@ from interp_heal.sequences import (
     pad_left,
     position_chunks,
     scored_hidden,
-    target_ids,
+    scored_target_ids,
     unembed,
     vocab_size,
 )
@@ -327,7 +327,7 @@ def batch_loss(
     e.g. cached) replaces the reference forward. The sampled tokens' NLL is reported either way."""
     if with_reference and ref_log_probs is None:
         ref_log_probs = reference_log_probs(model, batch, config, name)
-    targets = target_ids(batch)[batch.target_mask]
+    targets = scored_target_ids(batch)
     with torch.set_grad_enabled(with_grad):
         token_nll, kl, token_ce = token_losses(model, scored_hidden(model, batch), targets, ref_log_probs, teacher)
     nll = token_nll.mean()

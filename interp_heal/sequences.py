@@ -94,6 +94,11 @@ def target_ids(batch: PaddedBatch) -> torch.Tensor:
     return shifted
 
 
+def scored_target_ids(batch: PaddedBatch) -> torch.Tensor:
+    """The continuation token each scored position predicts, flat in `at_targets` order: [n_targets]."""
+    return target_ids(batch)[batch.target_mask]
+
+
 # Full-vocabulary work (log-softmax, KL) runs over this many logits at a time, so its peak memory is set
 # here rather than by batch x length x vocabulary: 64 positions of Gemma 3's 262k vocabulary, 341 of SmolLM2's.
 CHUNK_ELEMENTS = 1 << 24
