@@ -4,7 +4,7 @@
 then round 1 of every run, ...), so an interrupted sweep leaves every arm at the same depth, and rerunning
 the command resumes each run folder where it stopped. A run whose config differs from an earlier run's only in
 `heal` copies that run's finished heal-independent stages (base evals, round 0 up to the steered eval) instead
-of recomputing them.
+of recomputing them; with `--only`, the sweep's other runs already on disk lend theirs too.
 """
 
 from __future__ import annotations
@@ -78,12 +78,16 @@ def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
     if unknown:
         raise ConfigError(f"unknown sweep run(s) {unknown}; the sweep has {sorted(configs)}")
     selected = {name: config for name, config in configs.items() if not only or name in only}
+    # Runs left out by --only still lend their finished stages: an arm added to a finished sweep reuses its data.
+    donors = {name: folder for name, config in configs.items() if name not in selected
+              and ((folder := Path(config.output.runs_dir) / config.output.name) / "state.json").is_file()}  # fmt: skip
     folders: dict[str, Path] = {}
     for depth in range(1, max(config.loop.rounds for config in selected.values()) + 1):
         for name, config in selected.items():
             if depth <= config.loop.rounds:
                 logger.info(f"sweep: {name} up to round {depth - 1}")
-                folders[name] = run_loop(config, max_rounds=depth, share_from=_stage_donor(name, selected, folders))
+                donor = _stage_donor(name, configs, {**donors, **folders})
+                folders[name] = run_loop(config, max_rounds=depth, share_from=donor)
     return folders
 
 

@@ -108,6 +108,18 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert "| 0 | 3 | 0 (`rmse_base`) | 0 (`rmse_base`) |" in (tmp_path / "report" / "experiments.md").read_text()
 
 
+def test_a_run_selected_with_only_copies_stages_from_the_sweeps_runs_already_on_disk(tmp_path):
+    path = _sweep_file(tmp_path, {"rmse_base": [], "no_barrier": ["heal.lam=0"], "rmse_base_seed1": ["seed=1"]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--only", "rmse_base"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs" / "no_barrier").exists(), "--only runs nothing else"
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--only", "no_barrier", "--only", "rmse_base_seed1"])
+    assert result.exit_code == 0, result.output
+    assert _adopted(tmp_path / "runs" / "no_barrier") == set(HEAL_INDEPENDENT_STAGES)
+    assert _adopted(tmp_path / "runs" / "rmse_base_seed1") == set(), "another seed shares nothing"
+
+
 def _adopted(run: Path) -> set[str]:
     return {name for name, entry in json.loads((run / "state.json").read_text()).items() if "adopted_from" in entry}
 
