@@ -43,7 +43,7 @@ from interp_heal.models import load_configured_model
 from interp_heal.personas import render_prompts
 from interp_heal.report import save_figure
 from interp_heal.run_folder import read_run, round_path
-from interp_heal.sequences import PaddedBatch, kl_aggregates, pad_left, token_kl
+from interp_heal.sequences import PaddedBatch, hidden_kl, kl_aggregates, pad_left
 from interp_heal.steer import SteeringVector, steered_states
 
 
@@ -94,11 +94,12 @@ def _forward(
     vector: SteeringVector | None = None,
     coeff: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [n_tok, V] and block outputs [L, n_tok, d] at the positions that predict completion tokens."""
+    """The final norm's output [n_tok, d] (unembedded a chunk at a time by `hidden_kl`: no [n_tok, vocab]
+    logits) and block outputs [L, n_tok, d] at the positions that predict completion tokens."""
     with torch.inference_mode():
-        logits, states = steered_states(model, tokenizer, batch.model_inputs(), vector, coeff)
+        final, states = steered_states(model, tokenizer, batch.model_inputs(), vector, coeff)
     mask = batch.target_mask
-    return logits[mask], states[:, mask].float().cpu()
+    return final[mask], states[:, mask].float().cpu()
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,15 @@ def token_diffs(
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start, batch in tqdm(list(_batches(tokenizer, data.kept, batch_size, device)), desc="diffs", leave=False):
         with student_at(student, None, n_rounds) as base:
-            base_logits, base_h = _forward(base, tokenizer, batch)
+            base_final, base_h = _forward(base, tokenizer, batch)
         with student_at(student, before, n_rounds) as generator:
-            steered_logits, steered_h = _forward(generator, tokenizer, batch, data.vector, data.eval_coeff)
+            steered_final, steered_h = _forward(generator, tokenizer, batch, data.vector, data.eval_coeff)
         with student_at(student, data.index, n_rounds) as healed:
-            healed_logits, healed_h = _forward(healed, tokenizer, batch)
-        parts["kl_steered"].append(token_kl(steered_logits, base_logits).cpu())
-        parts["kl_healed"].append(token_kl(healed_logits, base_logits).cpu())
+            healed_final, healed_h = _forward(healed, tokenizer, batch)
+        # The head is not adapted (LoRA sits in the decoder blocks), so one unembedding serves all three states.
+        with torch.inference_mode():
+            parts["kl_steered"].append(hidden_kl(student, steered_final, base_final).cpu())
+            parts["kl_healed"].append(hidden_kl(student, healed_final, base_final).cpu())
         parts["delta_steered"].append(steered_h - base_h)
         parts["delta_healed"].append(healed_h - base_h)
         parts["base_norm"].append(base_h.norm(dim=-1))

@@ -283,11 +283,7 @@ def steered_final_hidden(
     the positions it needs a chunk at a time instead of holding [B, T, vocab] logits (Gemma: 262k per position).
     `positions` ([B, T] bool) steers only those positions, e.g. the completion tokens of a `generated_only` run."""
     nn_model, layers = wrap(model, tokenizer)
-    causal_lm, _ = unwrap_peft(model)
-    norm_name = next(name for name, module in causal_lm.named_modules() if module is final_norm(causal_lm))
-    norm: Any = nn_model
-    for part in norm_name.split("."):
-        norm = getattr(norm, part)
+    norm = _final_norm_envoy(nn_model, model)
     injection = _injection(model, vector, coeff)
     if positions is not None:
         mask = positions[..., None].to(next(model.parameters()).dtype)  # [B, T, 1]
@@ -305,20 +301,31 @@ def steered_states(
     vector: SteeringVector | None,
     coeff: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `steered_logits`, plus every decoder block's output after any injection: [n_layers, B, T, d]."""
+    """Like `steered_final_hidden` ([B, T, d], no [B, T, vocab] logits), plus every decoder block's output after
+    any injection: [n_layers, B, T, d]."""
     nn_model, layers = wrap(model, tokenizer)
-    if vector is not None:
-        check_fits(vector, model)
-    injection = _to_model(vector.injection(coeff), model) if vector is not None and coeff != 0 else {}
+    norm = _final_norm_envoy(nn_model, model)
+    injection = _injection(model, vector, coeff)
     n_layers = len(decoder_layers(model))
-    with nn_model.trace(inputs):
+    with nn_model.trace(inputs, logits_to_keep=1):
         states = nnsight.save([])
         for layer in range(n_layers):
             if layer in injection:
                 layers[layer].output[:] += injection[layer]
             states.append(layers[layer].output.clone())
-        logits = nn_model.lm_head.output.save()
-    return logits, torch.stack(list(states))
+        hidden = norm.output.save()
+    return hidden, torch.stack(list(states))
+
+
+def _final_norm_envoy(nn_model: Any, model: nn.Module) -> Any:
+    """The nnsight envoy of the model's final norm (the unembedding's input), found by module identity so that
+    peft-wrapped and plain models resolve alike."""
+    causal_lm, _ = unwrap_peft(model)
+    norm_name = next(name for name, module in causal_lm.named_modules() if module is final_norm(causal_lm))
+    norm: Any = nn_model
+    for part in norm_name.split("."):
+        norm = getattr(norm, part)
+    return norm
 
 
 def _injection(model: nn.Module, vector: SteeringVector | None, coeff: float | list[float]) -> dict[int, torch.Tensor]:

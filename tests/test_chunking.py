@@ -23,7 +23,7 @@ from interp_heal.sequences import (
     token_kl,
     unembed,
 )
-from interp_heal.steer import Steering, steered_logits
+from interp_heal.steer import Steering, steered_logits, steered_states
 from tests.test_steer import _random_vector
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -99,6 +99,25 @@ def test_hidden_state_scoring_equals_the_full_logits_formulas(tiny_model, tokeni
     rows = batch.split_targets(full_lp)
     assert [len(row) for row in rows] == batch.target_mask.sum(1).tolist()
     torch.testing.assert_close(torch.cat(rows), full_lp)
+
+
+def test_diffs_states_unembed_to_the_steered_logits(tiny_model, tokenizer, monkeypatch):
+    """analyses/diffs reads the final norm's output and block states of one steered forward: unembedded, the
+    former is that forward's logits, and its KL to the unsteered forward is the full-logits KL."""
+    batch, vector = _batch(tokenizer), _random_vector(scale=2.0)
+    with torch.no_grad():
+        logits = steered_logits(tiny_model, tokenizer, batch.model_inputs(), vector, 1.0)
+        plain = tiny_model(**batch.model_inputs()).logits
+        final, states = steered_states(tiny_model, tokenizer, batch.model_inputs(), vector, 1.0)
+        plain_final, _ = steered_states(tiny_model, tokenizer, batch.model_inputs(), None, 0.0)
+    assert states.shape[:3] == (tiny_model.config.num_hidden_layers, *batch.target_mask.shape)
+    torch.testing.assert_close(unembed(tiny_model, final), logits.float(), **TOL)
+    full_kl = token_kl(logits[batch.target_mask], plain[batch.target_mask])
+    _small_chunks(monkeypatch, tokenizer, positions=2)
+    with torch.no_grad():
+        chunked = hidden_kl(tiny_model, final[batch.target_mask], plain_final[batch.target_mask])
+    torch.testing.assert_close(chunked, full_kl, **TOL)
+    assert full_kl.min() > 1e-4, "the vector must move the distribution for this comparison to mean anything"
 
 
 def test_readers_equal_their_full_logits_versions(tiny_model, tokenizer, monkeypatch):
