@@ -467,6 +467,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         tree, node = read_yaml_mapping(path)
         source = str(path)
+        if isinstance(tree.get("runs"), dict) and "base" in tree:
+            raise ConfigError(
+                f"{path}: this is a sweep file (base + runs), not a config; run it with `python cli.py sweep -c "
+                f"{path}`, or give its base preset ({tree['base']}) to this command"
+            )
     applied = {apply_override(tree, override): override for override in overrides or []}
     return config_from_dict(tree, source, node, applied)
 

@@ -403,6 +403,8 @@ CASES = [
          write("s.yaml", f"base: {SMOKE}\nruns:\n  a: [heal.lamm=1]\n"), also=("sweep run 'a'",)),
     Case("sweep-base-missing", ["sweep", "-c", "{tmp}/s.yaml"], "nope.yaml", None,
          write("s.yaml", "base: nope.yaml\nruns:\n  a: []\n")),
+    Case("sweep-file-given-as-a-config", ["plan", "-c", "{tmp}/s.yaml"], "s.yaml", None,
+         write("s.yaml", f"base: {SMOKE}\nruns:\n  a: []\n"), also=("sweep file", "cli.py sweep -c")),
     Case("sweep-only-unknown", ["sweep", "-c", "{tmp}/s.yaml", "--only", "b"], "'b'", None,
          write("s.yaml", f"base: {SMOKE}\nruns:\n  a: []\n")),
 ]  # fmt: skip
