@@ -59,14 +59,18 @@ def activation_projection(delta: torch.Tensor, vector: SteeringVector, layers: l
     return {"cos": cosines, "projection": projections, "share": shares}
 
 
-def write_alignment(delta_w: torch.Tensor, direction: torch.Tensor) -> dict[str, float]:
-    """How much a weight update writes along a residual direction: ||v^T dW|| / ||dW|| (a random unit
-    direction gives about 1/sqrt(d)) and |cos| of dW's top output direction with v."""
-    delta_w, v = delta_w.detach().float(), _unit(direction.float())
-    norm = float(delta_w.norm())
-    top_output = torch.linalg.svd(delta_w, full_matrices=False).U[:, 0]
+def write_alignment(lora_b: torch.Tensor, lora_a: torch.Tensor, direction: torch.Tensor) -> dict[str, float]:
+    """How much a low-rank update dW = B A ([d_out, r] x [r, d_in], scaling folded into B) writes along a residual
+    direction: ||v^T dW|| / ||dW|| (a random unit direction gives about 1/sqrt(d)) and |cos| of dW's top output
+    direction with v. Exact, from the factors: with B = Q R, dW's norm and left singular vectors are those of the
+    [r, d_in] matrix R A mapped through Q, so no [d_out, d_in] SVD is taken."""
+    lora_b, lora_a, v = lora_b.detach().float(), lora_a.detach().float(), _unit(direction.float())
+    q, r = torch.linalg.qr(lora_b)
+    small = r @ lora_a  # [r, d_in]: dW = q @ small, q with orthonormal columns
+    norm = float(small.norm())
+    top_output = q @ torch.linalg.svd(small, full_matrices=False).U[:, 0]
     return {
-        "write_share": float((v @ delta_w).norm()) / norm if norm > 0 else 0.0,
+        "write_share": float(((v @ q) @ small).norm()) / norm if norm > 0 else 0.0,
         "top_direction_cos": abs(float(top_output @ v)),
     }
 
@@ -80,9 +84,8 @@ def weight_projection(model: nn.Module, name: str, vector: SteeringVector) -> li
                 continue
             if name not in module.lora_A:
                 continue
-            with torch.no_grad():
-                delta_w = module.scaling[name] * (module.lora_B[name].weight @ module.lora_A[name].weight)
-            alignment = write_alignment(delta_w, vector.directions[layer_index])
+            lora_b = module.scaling[name] * module.lora_B[name].weight
+            alignment = write_alignment(lora_b, module.lora_A[name].weight, vector.directions[layer_index])
             rows.append({"layer": layer_index, "module": module_name.split(".")[-1], **alignment})
     return rows
 
@@ -101,7 +104,7 @@ def adapter_file_projection(adapter_dir: Path, vector: SteeringVector) -> list[d
             factors.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
     return [
         {"layer": layer, "module": module,
-         **write_alignment(scaling * (pair["B"] @ pair["A"]), vector.directions[layer])}
+         **write_alignment(scaling * pair["B"], pair["A"], vector.directions[layer])}
         for (layer, module), pair in sorted(factors.items())
     ]  # fmt: skip
 

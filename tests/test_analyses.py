@@ -81,13 +81,23 @@ def test_project_adapters_on_smoke_run(smoke_run, tmp_path):
 def test_write_alignment_of_updates_along_and_across_a_direction():
     torch.manual_seed(0)
     direction, inputs = torch.randn(16), torch.randn(8)
-    along = write_alignment(torch.outer(3 * direction, inputs), direction)
+    along = write_alignment(3 * direction[:, None], inputs[None, :], direction)
     assert along["write_share"] == pytest.approx(1.0) and along["top_direction_cos"] == pytest.approx(1.0)
     across = torch.randn(16)
     across -= (across @ direction) / (direction @ direction) * direction
-    orthogonal = write_alignment(torch.outer(across, inputs), direction)
+    orthogonal = write_alignment(across[:, None], inputs[None, :], direction)
     assert orthogonal["write_share"] == pytest.approx(0.0, abs=1e-5)
     assert orthogonal["top_direction_cos"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_write_alignment_from_the_factors_equals_the_full_update_formula():
+    torch.manual_seed(1)
+    lora_b, lora_a, direction = torch.randn(32, 4), torch.randn(4, 48), torch.randn(32)
+    delta_w, v = lora_b @ lora_a, direction / direction.norm()
+    top_output = torch.linalg.svd(delta_w, full_matrices=False).U[:, 0]
+    result = write_alignment(lora_b, lora_a, direction)
+    assert result["write_share"] == pytest.approx(float((v @ delta_w).norm() / delta_w.norm()), rel=1e-5)
+    assert result["top_direction_cos"] == pytest.approx(abs(float(top_output @ v)), rel=1e-4)
 
 
 # ---------------------------------------------------------------- diffs
