@@ -30,6 +30,7 @@ from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
 from interp_heal.coherence import read_frontier
 from interp_heal.collect import read_kept_completions
+from interp_heal.config import Config
 from interp_heal.errors import DataError
 from interp_heal.evaluate import paired_difference
 from interp_heal.io import atomic_write_text, read_json
@@ -135,6 +136,64 @@ def two_by_two(runs: dict[str, Run], anchors: dict[int, Run]) -> list[str]:
         for stage in ("base", "prompt-baseline"):
             lines.append(f"| {stage}{label} | - | - | {' | '.join(state_cells(anchor, stage))} | - |")
     return [*lines, ""]
+
+
+def cell_of(run: Run, anchor: Run) -> tuple[str, str] | None:
+    """The run's (source, target) cell of the 2 x 2 when it differs from the anchor only there and in seed and
+    rounds; None for the other arms (a filter variant, a subset of the data, ...)."""
+
+    def core(config: Config) -> dict:
+        return config.model_dump(exclude={"seed": True, "output": True, "loop": {"rounds", "source"},
+                                          "heal": {"target"}})  # fmt: skip
+
+    return (run.config.loop.source, run.config.heal.target) if core(run.config) == core(anchor.config) else None
+
+
+def band(values: list[float], sign: str = "") -> str:
+    """Mean [min, max] over seeds (NaNs left out); the bare value for one seed. `sign="+"` signs the numbers."""
+    values = [value for value in values if not math.isnan(value)]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    spread = f" [{min(values):{sign}.3f}, {max(values):{sign}.3f}]" if len(values) > 1 else ""
+    return f"{mean:{sign}.3f}{spread}"
+
+
+GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
+
+
+GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
+
+
+def glance(runs: dict[str, Run], anchors: dict[int, Run], anchor: Run) -> list[str]:
+    """The 2 x 2 (source x target) round by round, each cell's seeds pooled: mean [min, max] over seeds."""
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for run in runs.values():
+        if (cell := cell_of(run, anchor)) is not None:
+            cells.setdefault(cell, []).append(run)
+    lines = [
+        "## The 2 x 2 at a glance",
+        "",
+        "Source (steered teacher or persona-prompted teacher) x target (sampled tokens or top-K distribution), "
+        "the healed student after each round; each cell pools the arms that differ from the anchor only in source, "
+        "target and seed: mean [min, max] over seeds (one seed: the value). *vs base curve* as in the table below; "
+        "a round outside the curve's fluency range counts no gain.",
+        "",
+        "| source x target | round | seeds | trait | neutral fluency | adherence | vs base steering curve |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(cells, key=lambda cell: (cell[0] != "steer", cell[1] != "tokens"))
+    for source, target in order:
+        members = cells[(source, target)]
+        for r in sorted({r for run in members for r in run.rounds()}):
+            at = [run for run in members if r in run.rounds()]
+            stage = f"healed {r}"
+            gains = [healing_gain(curve, student_point(run, r), N_BOOTSTRAP) for run in at
+                     if (curve := curve_for(run, anchors)) is not None]  # fmt: skip
+            readouts = [band([run.value(stage, key) for run in at]) for key in GLANCE_READOUTS]
+            gain = band([math.nan if g["note"] else g["trait_gain"] for g in gains], sign="+")
+            lines.append(f"| {source} x {target} | {r} | {len(at)} | {' | '.join(readouts)} | {gain} |")
+    return [*lines, ""] if cells else []
 
 
 def own_frontier_gain(run: Run, r: int, anchor: Run, curve: list[CurvePoint], point: CurvePoint) -> dict | None:
@@ -368,6 +427,7 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "",
         code_note(runs),
         "",
+        *glance(runs, anchors, runs[anchor]),
         *two_by_two(full, anchors),
         "![Pareto](pareto.png)",
         "",

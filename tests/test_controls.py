@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from analyses.controls import seed_anchors, verdicts
+from analyses.controls import glance, seed_anchors, verdicts
 from analyses.experiments import Run, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from cli import app
@@ -42,6 +42,7 @@ def test_the_controls_sweep_reports_every_arm_against_the_base_steering_curve(tm
     report = (tmp_path / "report" / "controls.md").read_text()
     assert heading("steering_less") in report and heading("steering_needed") in report
     assert heading("samples_or_distributions") in report
+    assert "| steer x tokens | 0 | 1 |" in report and "| prompt x tokens | 0 | 1 |" in report, "the 2 x 2 at a glance"
     assert "| `steer_tokens` | steer x tokens | 0 |" in report and "| `prompt_tokens` | prompt x tokens | 0 |" in report
     assert (tmp_path / "report" / "pareto.html").is_file()
 
@@ -94,3 +95,27 @@ def test_each_arm_is_read_against_the_anchor_of_its_own_seed():
     anchors = seed_anchors(runs, "steer")
     assert {key: value.name for key, value in anchors.items()} == {seed: "steer", 9: "steer_seed9"}
     assert [member.name for member in seed_group(runs, "steer")] == ["steer", "steer_seed9"]
+
+
+def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out(tmp_path, monkeypatch):
+    def run(name: str, trait: float, *overrides: str) -> Run:
+        row = {"stage": "healed 0", "round": 0, "trait_log_odds": trait, "neutral_fluency": 0.9, "adherence": 0.5}
+        return Run(name, load_config(SMOKE, list(overrides)), [row], [], [])
+
+    runs = {"steer": run("steer", 0.8), "steer_seed9": run("steer_seed9", 1.0, "seed=9", "loop.rounds=1"),
+            "prompt_logits": run("prompt_logits", 0.6, "loop.source=prompt", "heal.target=logits"),
+            "steer_offprompt": run("steer_offprompt", 5.0, "filter.min_adherence=0.45"),
+            "steer_n10": run("steer_n10", 5.0, "heal.max_examples=10")}  # fmt: skip
+    gains = {"steer": 0.1, "steer_seed9": 0.3, "prompt_logits": -0.2}
+    curve = [CurvePoint(d, 0.1 * d, 1.0 - 0.1 * d, 0.0, [0.1 * d] * 4) for d in range(5)]
+    monkeypatch.setattr("analyses.controls.curve_for", lambda run, anchors: curve)
+    monkeypatch.setattr("analyses.controls.student_point", lambda run, r: run.name)
+    monkeypatch.setattr("analyses.controls.healing_gain",
+                        lambda curve, point, n: {"note": "", "trait_gain": gains[point]})  # fmt: skip
+    lines = glance(runs, seed_anchors(runs, "steer"), runs["steer"])
+    rows = [line for line in lines if line.startswith("| steer x") or line.startswith("| prompt x")]
+    assert rows == [
+        "| steer x tokens | 0 | 2 | 0.900 [0.800, 1.000] | 0.900 [0.900, 0.900] | 0.500 [0.500, 0.500] | "
+        "+0.200 [+0.100, +0.300] |",
+        "| prompt x logits | 0 | 1 | 0.600 | 0.900 | 0.500 | -0.200 |",
+    ], "the filter variant and the 10-example arm are not cells of the 2 x 2"
