@@ -361,37 +361,64 @@ def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[s
 
 
 def pareto_figure(runs: dict[str, Run], curve: list[CurvePoint] | None) -> go.Figure:
-    """Trait against neutral fluency (with the base steering curve) and against the own-replies keep-rate."""
+    """Trait against neutral fluency (with the base steering curve) and against task adherence (with the base
+    steered at the eval dose): fluent text that no longer answers its prompt shows on the right."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=(
-        "trait vs neutral fluency (base steering curve in grey)", "trait vs own replies the filter keeps"))  # fmt: skip
+        "trait vs neutral fluency (base steering curve in grey)",
+        "trait vs task adherence (grey: the base and the base steered at the eval dose)"))  # fmt: skip
+    anchor = next(iter(runs.values()))
     if curve:
         figure.add_trace(go.Scatter(
             x=[p.neutral_fluency for p in curve], y=[p.trait for p in curve], mode="lines+markers", name="base steered",
             line={"color": "#888"}, text=[f"dose {p.dose:.2f}" for p in curve]), row=1, col=1)  # fmt: skip
+    figure.add_trace(go.Scatter(
+        x=[anchor.value(s, "adherence") for s in ("base", "steered 0")], mode="lines+markers", showlegend=False,
+        y=[anchor.value(s, "trait_log_odds") for s in ("base", "steered 0")], line={"color": "#888", "dash": "dot"},
+        text=["base", "steered 0"]), row=1, col=2)  # fmt: skip
     for i, (name, run) in enumerate(runs.items()):
         stages = ["base", *[f"healed {r}" for r in run.rounds()]]
         color = qualitative.Plotly[i % len(qualitative.Plotly)]
         labels = ["base", *[str(r) for r in run.rounds()]]
         trait = [run.value(stage, "trait_log_odds") for stage in stages]
-        for col, xs in ((1, [fluency(run, s) for s in stages]),
-                        (2, [run.value(s, "generation_keep_rate") for s in stages])):  # fmt: skip
+        for col, xs in ((1, [fluency(run, s) for s in stages]), (2, [run.value(s, "adherence") for s in stages])):
             figure.add_trace(go.Scatter(
                 x=xs, y=trait, mode="lines+markers+text", text=labels, textposition="top center", name=name,
                 legendgroup=name, showlegend=col == 1, line={"color": color}), row=1, col=col)  # fmt: skip
-    anchor = next(iter(runs.values()))
     prompt_trait = anchor.value("prompt-baseline", "trait_log_odds")
-    for col, x in (
-        (1, fluency(anchor, "prompt-baseline")),
-        (2, anchor.value("prompt-baseline", "generation_keep_rate")),
-    ):
+    for col, x in ((1, fluency(anchor, "prompt-baseline")), (2, anchor.value("prompt-baseline", "adherence"))):
         figure.add_trace(go.Scatter(x=[x], y=[prompt_trait], mode="markers", name="prompting baseline",
                                     showlegend=col == 1, marker={"symbol": "diamond", "size": 12, "color": "black"}),
                          row=1, col=col)  # fmt: skip
     figure.update_xaxes(title_text="neutral fluency exp(base NLL - NLL)", autorange="reversed", row=1, col=1)
-    figure.update_xaxes(title_text="filter keep-rate of own held-out replies", autorange="reversed", row=1, col=2)
+    figure.update_xaxes(title_text="task adherence (base-scored PMI, nats/token)", autorange="reversed", row=1, col=2)
     figure.update_yaxes(title_text="trait log-odds (nats/token)", row=1, col=1)
-    figure.update_layout(width=1500, height=560, title="Every arm's trajectory (right = more coherent)")
+    figure.update_layout(width=1500, height=560, title="Every arm's trajectory (right = more coherent, more on-task)")
     return figure
+
+
+def answers_the_question(runs: dict[str, Run], anchors: dict[int, Run]) -> list[str]:
+    """Q11: per arm, task adherence and trait from its first to its last finished round, against its seed's base
+    and prompting baseline (the right panel of the Pareto figure)."""
+    lines = [
+        heading("adherence"),
+        "",
+        "Task adherence = base-scored PMI of the state's own replies with their "
+        "held-out prompts (nats/token; 0 = replies ignore their prompts). Right panel of the figure above.",
+        "",
+    ]
+    for name, run in runs.items():
+        reference = anchors.get(run.config.seed, run)
+        rounds = run.rounds()
+        if not rounds:
+            continue
+        first, last = f"healed {rounds[0]}", f"healed {rounds[-1]}"
+        lines.append(
+            f"- `{name}`: adherence {_f(run.value(first, 'adherence'))} -> {_f(run.value(last, 'adherence'))} "
+            f"over rounds {rounds[0]}-{rounds[-1]} (base {_f(reference.value('base', 'adherence'))}, prompting "
+            f"baseline {_f(reference.value('prompt-baseline', 'adherence'))}), trait "
+            f"{_f(run.value(first, 'trait_log_odds'))} -> {_f(run.value(last, 'trait_log_odds'))}."
+        )
+    return [*lines, ""]
 
 
 def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
@@ -433,6 +460,7 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "",
         *steering_less(full, anchors, runs[anchor]),
         *steering_needed(full, anchor, anchors),
+        *answers_the_question(full, anchors),
         *sample_efficiency(runs),
         *diary_section(runs),
     ]

@@ -61,6 +61,11 @@ def test_the_controls_sweep_reports_every_arm_against_the_base_steering_curve(tm
     diff = paired_difference(prompt_trait, steer_trait, 2000)
     assert f"| `prompt_tokens` | `steer_tokens` | 0 | {diff['diff']:+.3f} [" in report
     assert steer_point.trait == frontier["healed"]["trait"]
+    base_adherence = json.loads((runs / "steer_tokens" / "eval_base.json").read_text())["adherence"]["pmi"]
+    healed_adherence = json.loads((runs / "steer_tokens" / "round_00" / "eval_healed.json").read_text())["adherence"]
+    assert heading("adherence") in report
+    assert f"- `steer_tokens`: adherence {healed_adherence['pmi']:.3f} -> {healed_adherence['pmi']:.3f} over rounds " \
+           f"0-0 (base {base_adherence:.3f}, prompting baseline " in report  # fmt: skip
 
 
 def _run(name: str, tmp_path: Path) -> Run:
