@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from analyses.experiments import Run, code_note, diary_section, experiments_csv, read_run, run_root, seed_group
+from analyses.experiments import Run, code_note, diary_section, experiments_csv, read_run, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from interp_heal.adherence import adherence_prompts
 from interp_heal.coherence import read_frontier
@@ -36,7 +36,7 @@ from interp_heal.evaluate import paired_difference
 from interp_heal.io import atomic_write_text, read_json
 from interp_heal.questions import heading
 from interp_heal.report import save_figure
-from interp_heal.run_folder import round_path
+from interp_heal.run_folder import round_path, run_root
 from interp_heal.sweep import sweep_configs
 
 N_BOOTSTRAP = 2000

@@ -33,7 +33,7 @@ from interp_heal.mfv import FOUNDATIONS
 from interp_heal.provenance import code_label
 from interp_heal.questions import heading, label
 from interp_heal.report import metric_rows, save_figure, stop_reason
-from interp_heal.run_folder import round_dirs, round_path
+from interp_heal.run_folder import round_dirs, round_path, run_root
 from interp_heal.steer import SteeringVector
 from interp_heal.sweep import sweep_configs
 
@@ -70,10 +70,6 @@ class Run:
         row = self.stage(stage) or {}
         value = row.get(key)
         return float(value) if value not in (None, "") else math.nan
-
-
-def run_root(config: Config) -> Path:
-    return Path(config.output.runs_dir) / config.output.name
 
 
 def read_run(name: str, config: Config) -> Run | None:

@@ -51,6 +51,7 @@ from interp_heal.run_folder import (
     check_stage_donor,
     prepare_run_folder,
     round_name,
+    run_root,
     stage,
 )
 from interp_heal.steer import Steering, SteeringVector, extract_steering_vector
@@ -214,7 +215,7 @@ def run_loop(
     if leaked:
         logger.warning(f"readout items {leaked} ({readout.source}) are also generation prompts (trained on)")
     check_eval_inputs(config.eval)
-    root = Path(config.output.runs_dir) / config.output.name
+    root = run_root(config)
     check_writable(root.parent, config.output.min_free_mb)
     shared = check_stage_donor(config, share_from) if share_from is not None else ()
     if config.model.threads is not None:

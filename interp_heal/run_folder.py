@@ -134,13 +134,18 @@ class RunFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def run_root(config: Config) -> Path:
+    """The run's folder: <output.runs_dir>/<output.name>."""
+    return Path(config.output.runs_dir) / config.output.name
+
+
 def prepare_run_folder(config: Config, fresh: bool = False) -> RunFolder:
     """Create (or reopen) runs/<name>/; refuse to resume a folder made with a different config.
 
     Configs are compared as values (the saved YAML read back with today's defaults, `output` excluded), so
     adding a config field with a default does not orphan existing runs.
     """
-    root = Path(config.output.runs_dir) / config.output.name
+    root = run_root(config)
     saved = root / "config.yaml"
     if saved.is_file() and not fresh:
         try:

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 from interp_heal.config import Config, Section, key_line, load_config, read_yaml_mapping
 from interp_heal.errors import ConfigError
 from interp_heal.loop import run_loop
-from interp_heal.run_folder import shared_stages
+from interp_heal.run_folder import run_root, shared_stages
 
 
 class SweepConfig(Section):
@@ -79,8 +79,8 @@ def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
         raise ConfigError(f"unknown sweep run(s) {unknown}; the sweep has {sorted(configs)}")
     selected = {name: config for name, config in configs.items() if not only or name in only}
     # Runs left out by --only still lend their finished stages: an arm added to a finished sweep reuses its data.
-    donors = {name: folder for name, config in configs.items() if name not in selected
-              and ((folder := Path(config.output.runs_dir) / config.output.name) / "state.json").is_file()}  # fmt: skip
+    unselected = {name: run_root(config) for name, config in configs.items() if name not in selected}
+    donors = {name: root for name, root in unselected.items() if (root / "state.json").is_file()}
     folders: dict[str, Path] = {}
     for depth in range(1, max(config.loop.rounds for config in selected.values()) + 1):
         for name, config in selected.items():
