@@ -38,8 +38,9 @@ from interp_heal.io import os_error_hint
 from interp_heal.jobs import run_check_axis, run_collect, run_eval, run_heal, run_pairs, run_steer
 from interp_heal.loop import run_loop
 from interp_heal.models import TINY_RANDOM, load_model, model_shape
+from interp_heal.run_folder import run_root
 from interp_heal.steer import SteeringVector
-from interp_heal.sweep import load_sweep, run_sweep
+from interp_heal.sweep import load_sweep, run_sweep, sweep_configs
 
 
 def _debug(ctx: typer.Context | None = None) -> bool:
@@ -342,10 +343,11 @@ def sweep(
     """Matched loop runs from one sweep file, advanced round by round (rerun to resume); then the report."""
     settings = load_sweep(config)
     if not report_only:
+        others = [run_root(run_config) for run_config in sweep_configs(config).values()]
         for name, root in run_sweep(config, only).items():
             typer.echo(f"{name}: {root}")
-            if name in settings.frontier:  # resumable: finished rounds are skipped
-                typer.echo(format_frontier(run_frontier(root)))
+            if name in settings.frontier:  # resumable: finished rounds are skipped, a shared round-0 curve reused
+                typer.echo(format_frontier(run_frontier(root, others=others)))
     if settings.report == "controls":
         report = write_controls_report(config, Path(settings.report_dir), settings.anchor)
     else:
@@ -387,9 +389,12 @@ def frontier(
     run_dir: Path = typer.Option(..., "--run", help="A loop run folder."),
     rounds: list[int] | None = typer.Option(None, "--round", help="Round(s) (default: every finished one)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/analysis)."),
+    share_from: list[Path] | None = typer.Option(
+        None, "--share-from", help="Runs whose round-0 curve is this run's when both steer the base with one vector."
+    ),
 ) -> None:
     """Is healing more than steering less? Each round's steering curve (>= 7 doses) against the healed student."""
-    results = run_frontier(run_dir, rounds, out)
+    results = run_frontier(run_dir, rounds, out, share_from)
     typer.echo(format_frontier(results))
 
 

@@ -144,9 +144,56 @@ def steering_curve(
     return curve
 
 
+def _same_round_zero(run: Path, other: Path) -> bool:
+    """Round 0 of both runs starts from the same base model with the same vector bytes at the same eval dose."""
+    ours, theirs = round_path(run, 0), round_path(other, 0)
+    same_model = load_config(run / "config.yaml").model == load_config(other / "config.yaml").model
+    vector, dose = "vector.safetensors", "collect_summary.json"
+    return (
+        same_model
+        and (ours / vector).read_bytes() == (theirs / vector).read_bytes()
+        and json.loads((ours / dose).read_text())["eval_coeff"] == json.loads((theirs / dose).read_text())["eval_coeff"]
+    )
+
+
+def shared_curve(run: Path, round_index: int, floor: float, others: list[Path]) -> tuple[list[CurvePoint], Path] | None:
+    """The round-0 curve another run already measured from the same start with the same vector (a run that copied
+    its round-0 stages from it, `run_folder.shared_stages`) on the same readout items: the points a fresh
+    measurement for `floor` (this run's healed fluency) would give (`ladder_prefix`), or None where it would
+    measure more. Later rounds start from each run's own student, so they are always measured."""
+    if round_index != 0:
+        return None
+    items = readout_items(load_config(run / "config.yaml").persona).provenance()
+    for other in others:
+        path = other / "analysis" / "frontier_round_00.json"
+        if other.resolve() == run.resolve() or not path.is_file() or not _same_round_zero(run, other):
+            continue
+        stored = read_frontier(path)
+        curve = ladder_prefix([CurvePoint(**point) for point in stored["curve"]], floor)
+        if stored["items"] == items and curve is not None:
+            return curve, other
+    return None
+
+
+def ladder_prefix(curve: list[CurvePoint], floor: float) -> list[CurvePoint] | None:
+    """The points `steering_curve` would measure for `floor` at the same doses, if `curve` holds them all: the
+    ladder, then one more doubling while the last point is still at or above `floor` (at most MAX_EXTRA_DOSES)."""
+    n, most = len(DOSE_LADDER), len(DOSE_LADDER) + MAX_EXTRA_DOSES
+    while n < min(len(curve), most) and curve[n - 1].neutral_fluency >= floor:
+        n += 1
+    wants_more = curve[n - 1].neutral_fluency >= floor and n < most
+    return None if len(curve) < n or wants_more else curve[:n]
+
+
 def frontier_round(
-    run: Path, student: nn.Module, tokenizer: PreTrainedTokenizerBase, round_index: int, n_rounds: int
+    run: Path,
+    student: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    round_index: int,
+    n_rounds: int,
+    others: list[Path] | None = None,
 ) -> dict[str, object]:
+    """Round r's steering curve and healed point; `others`: run folders whose round-0 curve may be this one's."""
     config = load_config(run / "config.yaml")
     readout = readout_items(config.persona)
     base_nll = json.loads((run / "eval_base.json").read_text())["neutral_nll"]
@@ -155,13 +202,20 @@ def frontier_round(
     prompt = _eval_point(run / "eval_prompt.json", base_nll)
     vector = SteeringVector.load(round_dir / "vector.safetensors")
     eval_coeff = json.loads((round_dir / "collect_summary.json").read_text())["eval_coeff"]
-    with student_at(student, round_index - 1 if round_index > 0 else None, n_rounds) as start:
-        curve = steering_curve(start, tokenizer, readout, config, base_nll, vector, eval_coeff, healed.neutral_fluency)
+    floor = healed.neutral_fluency
+    shared = shared_curve(run, round_index, floor, others or [])
+    if shared is not None:
+        curve, curve_from = shared[0], str(shared[1])
+    else:
+        with student_at(student, round_index - 1 if round_index > 0 else None, n_rounds) as start:
+            curve = steering_curve(start, tokenizer, readout, config, base_nll, vector, eval_coeff, floor)
+        curve_from = None
     gain = healing_gain(curve, healed, config.eval.n_bootstrap, seed=config.seed)
     return {
         "round": round_index,
         "eval_coeff": eval_coeff,
         "curve": [asdict(p) for p in curve],
+        "curve_from": curve_from,
         "healed": asdict(healed),
         "prompt": asdict(prompt),
         "gain": gain,
@@ -195,8 +249,11 @@ def frontier_figure(results: list[dict[str, object]]) -> go.Figure:
     return figure
 
 
-def run_frontier(run: Path, rounds: list[int] | None = None, out: Path | None = None) -> list[dict[str, object]]:
-    """analysis/frontier_round_XX.json per round (kept: a rerun skips finished rounds), frontier.json and figure."""
+def run_frontier(
+    run: Path, rounds: list[int] | None = None, out: Path | None = None, others: list[Path] | None = None
+) -> list[dict[str, object]]:
+    """analysis/frontier_round_XX.json per round (kept: a rerun skips finished rounds), frontier.json and figure.
+    `others`: run folders (a sweep's) whose measured round-0 curve this run may share (`shared_curve`)."""
     config = load_config(run / "config.yaml")
     finished = finished_rounds(run)
     out = out or run / "analysis"
@@ -207,7 +264,7 @@ def run_frontier(run: Path, rounds: list[int] | None = None, out: Path | None = 
     for round_index in rounds or finished:
         path = out / f"frontier_round_{round_index:02d}.json"
         if not path.is_file():
-            write_json(path, frontier_round(run, student, tokenizer, round_index, len(finished)))
+            write_json(path, frontier_round(run, student, tokenizer, round_index, len(finished), others))
         results.append(read_frontier(path))
     write_json(out / "frontier.json", results)
     save_figure(frontier_figure(results), out / "frontier")

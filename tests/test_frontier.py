@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
-from analyses.frontier import DOSE_LADDER, CurvePoint, crossing, healing_gain, interpolate, run_frontier
+import analyses.frontier
+from analyses.frontier import (
+    DOSE_LADDER,
+    CurvePoint,
+    crossing,
+    healing_gain,
+    interpolate,
+    ladder_prefix,
+    run_frontier,
+)
 from interp_heal.config import load_config
 from interp_heal.evaluate import neutral_coherence, neutral_fluency, trait_log_odds
 from interp_heal.paired_items import readout_items
 from interp_heal.questions import heading
+from interp_heal.steer import SteeringVector
 
 
 def _point(dose: float, trait: float, fluency: float, n_items: int = 20) -> CurvePoint:
@@ -43,6 +54,16 @@ def test_a_point_on_the_curve_has_zero_gain_and_a_point_above_it_a_positive_one(
     assert math.isnan(outside["trait_gain"]) and "spans fluency" in outside["note"]
 
 
+def test_a_stored_curve_is_reused_only_where_it_holds_every_dose_a_fresh_one_would_measure():
+    ladder = [_point(float(d), 0.6 + 0.1 * i, 1.0 - 0.05 * i) for i, d in enumerate(DOSE_LADDER)]  # fluency to 0.70
+    extended = [*ladder, _point(4.0, 1.3, 0.6), _point(8.0, 1.4, 0.5)]  # stopped below its own floor, 0.55
+    assert ladder_prefix(extended, floor=0.75) == ladder  # the ladder already ends below 0.75
+    assert ladder_prefix(extended, floor=0.65) == extended[:8]  # one doubling, to 0.6
+    assert ladder_prefix(extended, floor=0.45) is None  # would go on doubling past the stored 0.5
+    capped = [*extended, _point(16.0, 1.5, 0.5)]  # MAX_EXTRA_DOSES reached: a fresh curve stops there too
+    assert ladder_prefix(capped, floor=0.45) == capped
+
+
 @pytest.fixture(scope="module")
 def frontier(smoke_run):
     return run_frontier(smoke_run)
@@ -66,3 +87,25 @@ def test_frontier_of_the_smoke_run(smoke_run, frontier, tiny_model, tokenizer):
     assert neutral_fluency(nll, base["neutral_nll"]) == pytest.approx(1.0)
     assert heading("steering_less") in (smoke_run / "summary.md").read_text()
     assert (smoke_run / "analysis" / "frontier.json").is_file()
+
+
+def test_round_zero_copied_from_another_run_shares_its_curve(smoke_run, frontier, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_run, copy, ignore=shutil.ignore_patterns("analysis"))
+    measured: list[float] = []
+    real_curve = analyses.frontier.steering_curve
+
+    def counted(*args, **kwargs):
+        measured.append(args[6])  # the eval dose each fresh curve is measured at
+        return real_curve(*args, **kwargs)
+
+    monkeypatch.setattr(analyses.frontier, "steering_curve", counted)
+    shared = run_frontier(copy, others=[smoke_run, copy])
+    assert shared[0]["curve"] == frontier[0]["curve"] and shared[0]["curve_from"] == str(smoke_run)
+    assert len(measured) == 1 and shared[1]["curve_from"] is None  # round 1 starts from the copy's own student
+    assert shared[0]["gain"] == frontier[0]["gain"]
+    # Another vector in round 0: its curve is measured, never borrowed.
+    vector = SteeringVector.load(copy / "round_00" / "vector.safetensors")
+    vector.scaled(2.0).save(copy / "round_00" / "vector.safetensors")
+    (copy / "analysis" / "frontier_round_00.json").unlink()
+    assert run_frontier(copy, rounds=[0], others=[smoke_run])[0]["curve_from"] is None and len(measured) == 2
