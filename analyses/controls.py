@@ -421,6 +421,13 @@ def answers_the_question(runs: dict[str, Run], anchors: dict[int, Run]) -> list[
     return [*lines, ""]
 
 
+def stopped_runs(runs: dict[str, Run]) -> list[str]:
+    """Arms the loop ended before their planned rounds (a healed fluency under the floor, or a round whose filter
+    left too few completions to train on), with the loop's reason."""
+    stopped = [f"- `{name}`: {run.stopped}" for name, run in runs.items() if run.stopped]
+    return ["Stopped by the loop before their planned rounds:", "", *stopped, ""] if stopped else []
+
+
 def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
     configs = sweep_configs(sweep_path)
     runs = {name: run for name, config in configs.items() if (run := read_run(name, config)) is not None}
@@ -454,6 +461,7 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "",
         code_note(runs),
         "",
+        *stopped_runs(runs),
         *glance(runs, anchors, runs[anchor]),
         *two_by_two(full, anchors),
         "![Pareto](pareto.png)",

@@ -231,6 +231,21 @@ def run_loop(
     return root
 
 
+def _stop(folder: RunFolder, last_round: int, reason: str, starved_round: int | None = None) -> None:
+    """End the run after `last_round`: stopped.json (read by the summary and reports), an event, a warning."""
+    record: dict[str, object] = {"round": last_round, "reason": reason}
+    if starved_round is not None:
+        record["starved_round"] = starved_round
+    write_json(folder.root / "stopped.json", record)
+    folder.event("early_stop", reason=reason)
+    logger.warning(reason)
+
+
+def _starved_round(root: Path) -> int | None:
+    path = root / "stopped.json"
+    return json.loads(path.read_text()).get("starved_round") if path.is_file() else None
+
+
 def _check_axis_first(ctx: LoopContext, base_model: nn.Module) -> None:
     """check-axis on the base, cached in the run folder; stops the run when the readout cannot see the axis."""
     path = ctx.folder.root / "axis_check.json"
@@ -264,16 +279,21 @@ def _run_rounds(ctx: LoopContext, base_model: nn.Module, max_rounds: int | None)
     student = bake(base_model, [folder.round_dir(r) / "adapter" for r in finished], fuse=True)
     base_eval = json.loads(base_eval_path.read_text())
     for round_index in range(min(config.loop.rounds, max_rounds or config.loop.rounds)):
-        student = run_round(ctx, student, round_index)
+        if _starved_round(folder.root) == round_index:  # a resume would only starve again (same seeds, same config)
+            break
+        try:
+            student = run_round(ctx, student, round_index)
+        except StarvedDataError as err:
+            if round_index == 0:  # nothing learned yet: the doses or thresholds need changing, there is no result
+                raise
+            _stop(folder, round_index - 1, f"round {round_index} starved: {err}", starved_round=round_index)
+            break
         write_metrics(folder.root, config)
         healed = json.loads((folder.round_dir(round_index) / "eval_healed.json").read_text())
         coherence = floor_value(config, healed, base_eval)
         if coherence < config.loop.coh_floor:
-            quantity = floor_column(config)
-            reason = f"healed {quantity} {coherence:.3f} < coh_floor {config.loop.coh_floor} after round {round_index}"
-            write_json(folder.root / "stopped.json", {"round": round_index, "reason": reason})
-            folder.event("early_stop", reason=reason)
-            logger.warning(reason)
+            reason = f"healed {floor_column(config)} {coherence:.3f} < coh_floor {config.loop.coh_floor}"
+            _stop(folder, round_index, f"{reason} after round {round_index}")
             break
     write_metrics(folder.root, config)
     write_report(folder.root, config, folder.stage_seconds())

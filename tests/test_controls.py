@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from analyses.controls import glance, seed_anchors, verdicts
+from analyses.controls import glance, seed_anchors, stopped_runs, verdicts
 from analyses.experiments import Run, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from cli import app
@@ -124,3 +124,12 @@ def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out(tmp_path, m
         "+0.200 [+0.100, +0.300] |",
         "| prompt x logits | 0 | 1 | 0.600 | 0.900 | 0.500 | -0.200 |",
     ], "the filter variant and the 10-example arm are not cells of the 2 x 2"
+
+
+def test_arms_the_loop_stopped_are_listed_with_its_reason(tmp_path):
+    starved = Run("dosed", load_config(SMOKE), [], [], [], stopped="round 2 starved: only 18 completions kept")
+    assert stopped_runs({"steer": _run("steer", tmp_path), "dosed": starved}) == [
+        "Stopped by the loop before their planned rounds:", "", "- `dosed`: round 2 starved: only 18 completions kept",
+        "",
+    ]  # fmt: skip
+    assert stopped_runs({"steer": _run("steer", tmp_path)}) == []

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from interp_heal import loop as loop_module
+from interp_heal.collect import StarvedDataError
 from interp_heal.config import load_config
 from interp_heal.errors import AxisNotExpressibleError, ConfigError, DataError
 from interp_heal.loop import run_loop
@@ -68,6 +69,37 @@ def test_resume_after_a_failure_recomputes_nothing_and_matches(finished_run, tmp
     root = run_loop(_config(tmp_path))
     assert calls["heal"] == 3, "only round 1's heal may run again"
     assert (root / "metrics.csv").read_text() == (finished_run / "metrics.csv").read_text()
+
+
+def test_a_starved_later_round_ends_the_run_and_a_resume_does_not_collect_it_again(tmp_path, monkeypatch):
+    real_collect = loop_module.collect_kept_completions
+    calls = []
+
+    def starve_from_round_1(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) > 1:
+            raise StarvedDataError("only 3 completions kept (need min_train=4); nothing will be trained", None)
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "collect_kept_completions", starve_from_round_1)
+    root = run_loop(_config(tmp_path))
+    stopped = json.loads((root / "stopped.json").read_text())
+    assert stopped["round"] == 0 and stopped["starved_round"] == 1 and "only 3 completions kept" in stopped["reason"]
+    assert "Stopped early:** round 1 starved" in (root / "summary.md").read_text()
+    stages = [line.split(",")[0] for line in (root / "metrics.csv").read_text().splitlines()[1:]]
+    assert stages[-1] == "healed 0" and not (root / "round_01" / "heal.json").exists()
+    run_loop(_config(tmp_path))
+    assert len(calls) == 2, "a resume must not collect the starved round again"
+
+
+def test_a_starved_round_0_is_an_error(tmp_path, monkeypatch):
+    def starve(*args, **kwargs):
+        raise StarvedDataError("only 0 completions kept", None)
+
+    monkeypatch.setattr(loop_module, "collect_kept_completions", starve)
+    with pytest.raises(StarvedDataError, match="only 0 completions kept"):
+        run_loop(_config(tmp_path))
+    assert not (tmp_path / "smoke" / "stopped.json").exists()
 
 
 def test_mismatched_config_is_refused(finished_run, tmp_path):
