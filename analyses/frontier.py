@@ -145,14 +145,18 @@ def steering_curve(
 
 
 def _same_round_zero(run: Path, other: Path) -> bool:
-    """Round 0 of both runs starts from the same base model with the same vector bytes at the same eval dose."""
+    """Round 0 of both runs starts from the same base model (same base neutral NLL, the fluency scale) with the
+    same vector bytes at the same eval dose."""
     ours, theirs = round_path(run, 0), round_path(other, 0)
-    same_model = load_config(run / "config.yaml").model == load_config(other / "config.yaml").model
-    vector, dose = "vector.safetensors", "collect_summary.json"
+
+    def same(a: Path, b: Path, key: str) -> bool:
+        return json.loads(a.read_text())[key] == json.loads(b.read_text())[key]
+
     return (
-        same_model
-        and (ours / vector).read_bytes() == (theirs / vector).read_bytes()
-        and json.loads((ours / dose).read_text())["eval_coeff"] == json.loads((theirs / dose).read_text())["eval_coeff"]
+        load_config(run / "config.yaml").model == load_config(other / "config.yaml").model
+        and same(run / "eval_base.json", other / "eval_base.json", "neutral_nll")
+        and same(ours / "collect_summary.json", theirs / "collect_summary.json", "eval_coeff")
+        and (ours / "vector.safetensors").read_bytes() == (theirs / "vector.safetensors").read_bytes()
     )
 
 
