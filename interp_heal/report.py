@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import threading
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -211,15 +212,39 @@ def _generation_panel(figure: go.Figure, path: list[dict], prompt: dict | None, 
                          annotation_text="prompting baseline", row=1, col=col)  # fmt: skip
 
 
+# kaleido's own 90 s timeout covers a render, not the browser's start, and a Chromium that never answers at
+# start (seen under a loaded CPU) would otherwise hang a run for good; no figure is worth that.
+PNG_TIMEOUT_S = 300.0
+
+
 def save_figure(figure: go.Figure, stem: Path) -> None:
-    """HTML always (self-contained); PNG when a kaleido-compatible browser is available."""
+    """HTML always (self-contained); PNG when a kaleido-compatible browser answers within PNG_TIMEOUT_S."""
     atomic_write_text(stem.with_suffix(".html"), figure.to_html(include_plotlyjs=True, full_html=True))
     try:
-        png = figure.to_image(format="png")
+        png = _render_png(figure)
     except Exception as err:  # kaleido raises its own types when no Chrome/Chromium is installed
         logger.warning(f"PNG not written for {stem.name} ({type(err).__name__}: {err}); the HTML has the figure")
         return
     stem.with_suffix(".png").write_bytes(png)
+
+
+def _render_png(figure: go.Figure) -> bytes:
+    """figure.to_image in a daemon thread: one that never returns is left behind and cannot block the exit."""
+    images: list[bytes] = []
+    errors: list[Exception] = []
+
+    def render() -> None:
+        try:
+            images.append(figure.to_image(format="png"))
+        except Exception as err:  # handed to the caller, which warns
+            errors.append(err)
+
+    thread = threading.Thread(target=render, name="png-render", daemon=True)
+    thread.start()
+    thread.join(PNG_TIMEOUT_S)
+    if images:
+        return images[0]
+    raise errors[0] if errors else TimeoutError(f"no image from kaleido in {PNG_TIMEOUT_S:.0f} s")
 
 
 # ---------------------------------------------------------------- summary
