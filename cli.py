@@ -28,6 +28,7 @@ from analyses.filter_calibration import run_filter_calibration
 from analyses.frontier import format_frontier, run_frontier
 from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
+from analyses.pooled import write_pooled_report
 from analyses.project_adapters import format_projection, run_project_adapters
 from interp_heal.architecture import band_to_layers
 from interp_heal.axis_check import format_axis_check
@@ -353,6 +354,17 @@ def sweep(
     else:
         report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def pooled(
+    configs: list[Path] = typer.Option(
+        ..., "--config", "-c", exists=True, dir_okay=False, help="Controls sweep files (repeatable; first: anchor)."
+    ),
+    out: Path = typer.Option(Path("reports/controls_pooled"), "--out", "-o", help="Output folder."),
+) -> None:
+    """Every arm with its seeds pooled across committed sweep pages (no run folder needed): pooled.md/.csv/.png."""
+    typer.echo(f"report: {write_pooled_report(configs, out)}")
 
 
 @app.command("diag-axis")

@@ -13,11 +13,14 @@ items), next to both arms' fluency, generation coherence and task adherence: flu
 its prompt is not a win. With one seed per arm there is no seed band; every interval here is over readout
 items within a run, and the page says so.
 
-Writes `controls.md`, `controls.csv` (every run x stage row) and `pareto.png/html` under the report folder.
+Writes `controls.md`, `controls.csv` (every run x stage row), `gains.csv` (every healed student against its
+seed's base curve) and `pareto.png/html` under the report folder.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
 
@@ -113,7 +116,35 @@ def state_cells(run: Run, stage: str) -> list[str]:
 STATE_HEADER = "trait [95% CI] | neutral fluency | own replies kept / tail ppl | adherence [95% CI]"
 
 
-def two_by_two(runs: dict[str, Run], anchors: dict[int, Run]) -> list[str]:
+def arm_gains(runs: dict[str, Run], anchors: dict[int, Run]) -> dict[tuple[str, int], dict | None]:
+    """Every run's healed student at every finished round against its seed's base steering curve (None where the
+    seed has no curve yet)."""
+    gains: dict[tuple[str, int], dict | None] = {}
+    for name, run in runs.items():
+        curve = curve_for(run, anchors)
+        for r in run.rounds():
+            gains[(name, r)] = healing_gain(curve, student_point(run, r), N_BOOTSTRAP) if curve else None
+    return gains
+
+
+GAIN_FIELDS = ["run", "round", "trait_gain", "ci_low", "ci_high", "fluency_gain", "note"]
+
+
+def gains_csv(gains: dict[tuple[str, int], dict | None]) -> str:
+    """`gains.csv`: the page's gains over the base curve, committed beside `controls.csv` so that the seeds of one
+    arm can be pooled across pages after the run folders are gone (`analyses/pooled.py`)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=GAIN_FIELDS)
+    writer.writeheader()
+    for (name, r), gain in gains.items():
+        if gain is not None:
+            low, high = gain["ci95"]
+            writer.writerow({"run": name, "round": r, "trait_gain": gain["trait_gain"], "ci_low": low,
+                             "ci_high": high, "fluency_gain": gain["fluency_gain"], "note": gain["note"]})  # fmt: skip
+    return buffer.getvalue()
+
+
+def two_by_two(runs: dict[str, Run], anchors: dict[int, Run], gains: dict[tuple[str, int], dict | None]) -> list[str]:
     """Every arm at every finished round: the readouts and its place against the base steering curve."""
     lines = [
         heading("samples_or_distributions") + " Every arm, round by round",
@@ -126,11 +157,9 @@ def two_by_two(runs: dict[str, Run], anchors: dict[int, Run]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
-        curve = curve_for(run, anchors)
         for r in run.rounds():
-            gain = healing_gain(curve, student_point(run, r), N_BOOTSTRAP) if curve else None
             cells = state_cells(run, f"healed {r}")
-            lines.append(f"| `{name}` | {arm_kind(run)} | {r} | {' | '.join(cells)} | {gain_cell(gain)} |")
+            lines.append(f"| `{name}` | {arm_kind(run)} | {r} | {' | '.join(cells)} | {gain_cell(gains[(name, r)])} |")
     for seed, anchor in sorted(anchors.items()):
         label = f" (seed {seed})" if len(anchors) > 1 else ""
         for stage in ("base", "prompt-baseline"):
@@ -165,7 +194,7 @@ GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
 GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
 
 
-def glance(runs: dict[str, Run], anchors: dict[int, Run], anchor: Run) -> list[str]:
+def glance(runs: dict[str, Run], anchor: Run, gains: dict[tuple[str, int], dict | None]) -> list[str]:
     """The 2 x 2 (source x target) round by round, each cell's seeds pooled: mean [min, max] over seeds."""
     cells: dict[tuple[str, str], list[Run]] = {}
     for run in runs.values():
@@ -188,10 +217,9 @@ def glance(runs: dict[str, Run], anchors: dict[int, Run], anchor: Run) -> list[s
         for r in sorted({r for run in members for r in run.rounds()}):
             at = [run for run in members if r in run.rounds()]
             stage = f"healed {r}"
-            gains = [healing_gain(curve, student_point(run, r), N_BOOTSTRAP) for run in at
-                     if (curve := curve_for(run, anchors)) is not None]  # fmt: skip
+            found = [g for run in at if (g := gains[(run.name, r)]) is not None]
             readouts = [band([run.value(stage, key) for run in at]) for key in GLANCE_READOUTS]
-            gain = band([math.nan if g["note"] else g["trait_gain"] for g in gains], sign="+")
+            gain = band([math.nan if g["note"] else g["trait_gain"] for g in found], sign="+")
             lines.append(f"| {source} x {target} | {r} | {len(at)} | {' | '.join(readouts)} | {gain} |")
     return [*lines, ""] if cells else []
 
@@ -440,6 +468,8 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
     full = {name: run for name, run in runs.items() if run.config.heal.max_examples is None}
     save_figure(pareto_figure(full, curve), out / "pareto")
     atomic_write_text(out / "controls.csv", experiments_csv(runs))
+    gains = arm_gains(runs, anchors)
+    atomic_write_text(out / "gains.csv", gains_csv(gains))
     seeds = len(seed_group(runs, anchor))
     intervals = "every interval is over readout items within a run, not over seeds" if seeds < 2 else "see the seeds"
     progress = ", ".join(
@@ -462,8 +492,8 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         code_note(runs),
         "",
         *stopped_runs(runs),
-        *glance(runs, anchors, runs[anchor]),
-        *two_by_two(full, anchors),
+        *glance(runs, runs[anchor], gains),
+        *two_by_two(full, anchors, gains),
         "![Pareto](pareto.png)",
         "",
         *steering_less(full, anchors, runs[anchor]),

@@ -75,6 +75,19 @@ def model_with_unrenderable_template(tmp: Path) -> None:
     tokenizer.save_pretrained(tmp / "model")
 
 
+def controls_page(rows: str | None) -> Callable[[Path], None]:
+    """A controls sweep file (one run, `a`) whose report folder holds `rows` as its controls.csv (None: no page)."""
+
+    def setup(tmp: Path) -> None:
+        (tmp / "s.yaml").write_text(f"base: {SMOKE}\nreport: controls\nreport_dir: {tmp / 'rep'}\nanchor: a\n"
+                                    "runs:\n  a: []\n")  # fmt: skip
+        if rows is not None:
+            (tmp / "rep").mkdir()
+            (tmp / "rep" / "controls.csv").write_text(rows)
+
+    return setup
+
+
 def write_bytes(relative: str, data: bytes) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -407,6 +420,11 @@ CASES = [
          write("s.yaml", f"base: {SMOKE}\nruns:\n  a: []\n"), also=("sweep file", "cli.py sweep -c")),
     Case("sweep-only-unknown", ["sweep", "-c", "{tmp}/s.yaml", "--only", "b"], "'b'", None,
          write("s.yaml", f"base: {SMOKE}\nruns:\n  a: []\n")),
+    Case("pooled-missing", ["pooled", "-c", "{tmp}/s.yaml", "-o", "{tmp}/out"], "s.yaml"),
+    Case("pooled-not-reported", ["pooled", "-c", "{tmp}/s.yaml", "-o", "{tmp}/out"], "s.yaml", None,
+         controls_page(None), also=("controls.csv", "--report-only")),
+    Case("pooled-page-disagrees", ["pooled", "-c", "{tmp}/s.yaml", "-o", "{tmp}/out"], "controls.csv", None,
+         controls_page("run,stage,round\nb,healed 0,0\n"), also=("['b']",)),
 ]  # fmt: skip
 
 

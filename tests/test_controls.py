@@ -1,8 +1,10 @@
 """The controls report (issue 22): every arm against the base steering curve, Q4 and Q5, on a smoke sweep."""
 
+import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -58,6 +60,10 @@ def test_the_controls_sweep_reports_every_arm_against_the_base_steering_curve(tm
     row = next(line for line in report.splitlines() if line.startswith("| `prompt_tokens` | prompt x tokens | 0 |"))
     expected = f"{gain['trait_gain']:+.3f}" if not gain["note"] else "not spanned"
     assert expected in row.split(" | ")[-1]
+    with (tmp_path / "report" / "gains.csv").open() as handle:
+        committed = {(row["run"], int(row["round"])): row for row in csv.DictReader(handle)}
+    assert float(committed[("prompt_tokens", 0)]["trait_gain"]) == pytest.approx(gain["trait_gain"], nan_ok=True)
+    assert committed[("prompt_tokens", 0)]["note"] == gain["note"]
     diff = paired_difference(prompt_trait, steer_trait, 2000)
     assert f"| `prompt_tokens` | `steer_tokens` | 0 | {diff['diff']:+.3f} [" in report
     assert steer_point.trait == frontier["healed"]["trait"]
@@ -102,7 +108,7 @@ def test_each_arm_is_read_against_the_anchor_of_its_own_seed():
     assert [member.name for member in seed_group(runs, "steer")] == ["steer", "steer_seed9"]
 
 
-def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out(tmp_path, monkeypatch):
+def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out():
     def run(name: str, trait: float, *overrides: str) -> Run:
         row = {"stage": "healed 0", "round": 0, "trait_log_odds": trait, "neutral_fluency": 0.9, "adherence": 0.5}
         return Run(name, load_config(SMOKE, list(overrides)), [row], [], [])
@@ -111,13 +117,10 @@ def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out(tmp_path, m
             "prompt_logits": run("prompt_logits", 0.6, "loop.source=prompt", "heal.target=logits"),
             "steer_offprompt": run("steer_offprompt", 5.0, "filter.min_adherence=0.45"),
             "steer_n10": run("steer_n10", 5.0, "heal.max_examples=10")}  # fmt: skip
-    gains = {"steer": 0.1, "steer_seed9": 0.3, "prompt_logits": -0.2}
-    curve = [CurvePoint(d, 0.1 * d, 1.0 - 0.1 * d, 0.0, [0.1 * d] * 4) for d in range(5)]
-    monkeypatch.setattr("analyses.controls.curve_for", lambda run, anchors: curve)
-    monkeypatch.setattr("analyses.controls.student_point", lambda run, r: run.name)
-    monkeypatch.setattr("analyses.controls.healing_gain",
-                        lambda curve, point, n: {"note": "", "trait_gain": gains[point]})  # fmt: skip
-    lines = glance(runs, seed_anchors(runs, "steer"), runs["steer"])
+    gains = {(name, 0): {"note": "", "trait_gain": gain}
+             for name, gain in {"steer": 0.1, "steer_seed9": 0.3, "prompt_logits": -0.2}.items()}  # fmt: skip
+    gains |= {("steer_offprompt", 0): None, ("steer_n10", 0): None}
+    lines = glance(runs, runs["steer"], gains)
     rows = [line for line in lines if line.startswith("| steer x") or line.startswith("| prompt x")]
     assert rows == [
         "| steer x tokens | 0 | 2 | 0.900 [0.800, 1.000] | 0.900 [0.900, 0.900] | 0.500 [0.500, 0.500] | "

@@ -1,0 +1,274 @@
+"""pooled: one arm's seeds gathered from several committed sweep pages (sessions or machines whose run folders are
+gone): `python cli.py pooled -c configs/controls.yaml -c configs/controls_seeds.yaml ... -o reports/controls_pooled`.
+
+A controls sweep commits `controls.csv` (every run x stage) and `gains.csv` (every healed student against its
+seed's base steering curve) under its `report_dir`; its sweep file gives every run's full config. This reads those
+files only, so it runs in seconds and needs no model. Runs are grouped by their config with the seed, the run
+length, the run folder and MFV on/off left out (none of these changes what an arm is), labelled by how they differ
+from the first page's anchor; per group and round: mean [min, max] over seeds of trait, neutral fluency, adherence,
+own-reply keep-rate and the gain over the base curve. A seed measured on two pages (a rerun) is read from the first
+page listing it, and the largest difference between the two measurements is reported: a reproduction check.
+
+Writes `pooled.md`, `pooled.csv` (one row per group, round and readout) and `pooled.png/html`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from analyses.controls import band
+from interp_heal.config import Config
+from interp_heal.errors import DataError
+from interp_heal.io import atomic_write_text
+from interp_heal.report import save_figure
+from interp_heal.sweep import load_sweep, sweep_configs
+
+# Config keys that do not change what an arm is: its seed is what is pooled over; rounds only say how far it ran.
+IGNORED_KEYS = ("seed", "output.", "loop.rounds", "eval.mfv", "eval.mfv_data")
+READOUTS = {"trait": "trait_log_odds", "neutral fluency": "neutral_fluency", "adherence": "adherence",
+            "own replies kept": "generation_keep_rate"}  # fmt: skip
+REPEAT_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
+ANCHOR_LABEL = "as the anchor"
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """One run as its page committed it: metric rows by stage, gains over the base curve by round."""
+
+    page: Path
+    name: str
+    config: Config
+    rows: dict[str, dict[str, str]]
+    gains: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def rounds(self) -> list[int]:
+        return sorted(int(row["round"]) for stage, row in self.rows.items() if stage.startswith("healed"))
+
+    def value(self, stage: str, key: str) -> float:
+        text = self.rows.get(stage, {}).get(key, "")
+        return float(text) if text else math.nan
+
+    def gain(self, r: int) -> float:
+        row = self.gains.get(r)
+        return float(row["trait_gain"]) if row and not row["note"] and row["trait_gain"] else math.nan
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_page(sweep_path: Path) -> list[PageRun]:
+    """Every run of a sweep page that has committed rows; a page without `controls.csv` is an error (its sweep has
+    not been reported), one without `gains.csv` (older pages) simply has no gains."""
+    report_dir = Path(load_sweep(sweep_path).report_dir)
+    metrics = report_dir / "controls.csv"
+    if not metrics.is_file():
+        raise DataError(f"{sweep_path}: no {metrics} (run `python cli.py sweep -c {sweep_path} --report-only` first)")
+    rows: dict[str, dict[str, dict[str, str]]] = {}
+    for row in _read_csv(metrics):
+        rows.setdefault(row["run"], {})[row["stage"]] = row
+    gains: dict[str, dict[int, dict[str, str]]] = {}
+    if (report_dir / "gains.csv").is_file():
+        for row in _read_csv(report_dir / "gains.csv"):
+            gains.setdefault(row["run"], {})[int(row["round"])] = row
+    configs = sweep_configs(sweep_path)
+    unknown = sorted(set(rows) - set(configs))
+    if unknown:
+        raise DataError(f"{metrics} has runs {unknown} that {sweep_path} does not define: page and sweep disagree")
+    return [PageRun(report_dir, name, configs[name], rows[name], gains.get(name, {})) for name in rows]
+
+
+def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config dump as dotted keys (`heal.target`), lists and scalars as values."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def arm_label(config: Config, reference: Config) -> str:
+    """How the arm differs from the reference, as overrides (`heal.target=logits, loop.source=prompt`)."""
+    ours, theirs = flat(config.model_dump()), flat(reference.model_dump())
+    diffs = [f"{key}={ours[key]}" for key in sorted(ours) if ours[key] != theirs.get(key)
+             and not any(key == ignored or key.startswith(ignored) for ignored in IGNORED_KEYS if ignored)]  # fmt: skip
+    return ", ".join(diffs) or ANCHOR_LABEL
+
+
+@dataclass(frozen=True)
+class Pooled:
+    groups: dict[str, dict[int, PageRun]]  # label -> seed -> the run read for it
+    repeats: list[tuple[PageRun, PageRun]]  # (the run read, a later page's run of the same config and seed)
+
+
+def pool(pages: list[list[PageRun]], reference: Config) -> Pooled:
+    groups: dict[str, dict[int, PageRun]] = {}
+    repeats: list[tuple[PageRun, PageRun]] = []
+    for page in pages:
+        for run in page:
+            seeds = groups.setdefault(arm_label(run.config, reference), {})
+            if run.config.seed in seeds:
+                repeats.append((seeds[run.config.seed], run))
+            else:
+                seeds[run.config.seed] = run
+    return Pooled(groups, repeats)
+
+
+def _seeds_cell(runs: list[PageRun]) -> str:
+    return f"{len(runs)} ({', '.join(str(run.config.seed) for run in runs)})"
+
+
+GAIN = "vs base curve"
+
+
+@dataclass(frozen=True)
+class PooledRow:
+    """One arm at one round (or a reference state): every readout's values over the seeds that reached it."""
+
+    arm: str
+    round: str
+    seeds: str
+    values: dict[str, list[float]]  # readout name (READOUTS, GAIN) -> one value per seed, NaN where unmeasured
+
+    def finite(self, name: str) -> list[float]:
+        return [value for value in self.values.get(name, []) if not math.isnan(value)]
+
+
+def group_rows(label: str, seeds: dict[int, PageRun]) -> list[PooledRow]:
+    rows = []
+    for r in sorted({r for run in seeds.values() for r in run.rounds()}):
+        at = [run for _, run in sorted(seeds.items()) if r in run.rounds()]
+        values = {name: [run.value(f"healed {r}", key) for run in at] for name, key in READOUTS.items()}
+        rows.append(PooledRow(label, str(r), _seeds_cell(at), values | {GAIN: [run.gain(r) for run in at]}))
+    return rows
+
+
+def reference_rows(groups: dict[str, dict[int, PageRun]]) -> list[PooledRow]:
+    """The untrained base and the prompting baseline, per seed (every run of a seed carries the same rows)."""
+    by_seed: dict[int, PageRun] = {}
+    for seeds in groups.values():
+        for seed, run in seeds.items():
+            by_seed.setdefault(seed, run)
+    rows = []
+    for stage in ("base", "prompt-baseline"):
+        at = [run for _, run in sorted(by_seed.items()) if stage in run.rows]
+        values = {name: [run.value(stage, key) for run in at] for name, key in READOUTS.items()}
+        rows.append(PooledRow(stage, "-", _seeds_cell(at), values))
+    return rows
+
+
+def table(rows: list[PooledRow]) -> list[str]:
+    names = [*READOUTS, GAIN]
+    lines = [f"| arm | round | seeds | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names)]
+    for row in rows:
+        cells = [band(row.finite(name), sign="+" if name == GAIN else "") for name in names]
+        lines.append(f"| {row.arm} | {row.round} | {row.seeds} | {' | '.join(cells)} |")
+    return lines
+
+
+def repeat_lines(repeats: list[tuple[PageRun, PageRun]]) -> list[str]:
+    """Each config and seed measured twice: the largest |difference| over the stages both have."""
+    lines = []
+    for first, second in repeats:
+        stages = sorted(set(first.rows) & set(second.rows))
+        diffs = {key: max((abs(first.value(s, key) - second.value(s, key)) for s in stages), default=math.nan)
+                 for key in REPEAT_READOUTS}  # fmt: skip
+        measured = ", ".join(f"{key} {value:.4f}" for key, value in diffs.items())
+        lines.append(f"- `{first.name}` of `{first.page}` and `{second.name}` of `{second.page}` (seed "
+                     f"{first.config.seed}, stages {', '.join(stages)}): largest |difference| {measured}")  # fmt: skip
+    return lines
+
+
+def pooled_csv(rows: list[PooledRow]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["arm", "round", "seeds", "readout", "mean", "min", "max", "n"])
+    for row in rows:
+        for name in [*READOUTS, GAIN]:
+            if values := row.finite(name):
+                writer.writerow([row.arm, row.round, row.seeds, name, sum(values) / len(values), min(values),
+                                 max(values), len(values)])  # fmt: skip
+    return buffer.getvalue()
+
+
+def _path(rows: list[PooledRow], name: str) -> tuple[list[float], list[float], list[float]]:
+    """Per round: the seeds' mean and the whiskers up to their max and down to their min."""
+    means, plus, minus = [], [], []
+    for row in rows:
+        values = row.finite(name)
+        mean = sum(values) / len(values) if values else math.nan
+        means.append(mean)
+        plus.append(max(values) - mean if values else 0.0)
+        minus.append(mean - min(values) if values else 0.0)
+    return means, plus, minus
+
+
+def pooled_figure(rows: list[PooledRow], references: list[PooledRow]) -> go.Figure:
+    """Trait against neutral fluency: each arm's rounds as a path of seed means, whiskers from the seeds' min to max;
+    the base and the prompting baseline as stars."""
+    figure = go.Figure()
+    for row in references:
+        (x, _, _), (y, _, _) = _path([row], "neutral fluency"), _path([row], "trait")
+        figure.add_trace(go.Scatter(x=x, y=y, mode="markers+text", name=row.arm, text=[row.arm],
+                                    textposition="bottom center", marker={"symbol": "star", "size": 14,
+                                                                          "color": "black"}))  # fmt: skip
+    arms = list(dict.fromkeys(row.arm for row in rows))
+    for arm, colour in zip(arms, qualitative.Dark24 * 4, strict=False):
+        at = [row for row in rows if row.arm == arm]
+        (x, x_plus, x_minus), (y, y_plus, y_minus) = _path(at, "neutral fluency"), _path(at, "trait")
+        figure.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers+text", name=arm, line={"color": colour}, text=[row.round for row in at],
+            textposition="top center", error_x={"type": "data", "symmetric": False, "array": x_plus,
+                                                "arrayminus": x_minus},
+            error_y={"type": "data", "symmetric": False, "array": y_plus, "arrayminus": y_minus},
+        ))  # fmt: skip
+    figure.update_layout(title="Every arm, seeds pooled: mean over seeds, whiskers min-max (label: round)",
+                         xaxis_title="neutral fluency", yaxis_title="trait (paired-response log-odds)",
+                         width=1100, height=700)  # fmt: skip
+    return figure
+
+
+def write_pooled_report(sweep_paths: list[Path], out: Path) -> Path:
+    if not sweep_paths:
+        raise DataError("pooled needs at least one sweep file (-c)")
+    pages = [read_page(path) for path in sweep_paths]
+    first = load_sweep(sweep_paths[0])
+    reference = sweep_configs(sweep_paths[0])[first.anchor]
+    pooled = pool(pages, reference)
+    rows = [row for label, seeds in pooled.groups.items() for row in group_rows(label, seeds)]
+    references = reference_rows(pooled.groups)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "pooled.csv", pooled_csv([*rows, *references]))
+    save_figure(pooled_figure(rows, references), out / "pooled")
+    sources = ", ".join(f"`{path}` (`{load_sweep(path).report_dir}`)" for path in sweep_paths)
+    lines = [
+        "# Every arm, seeds pooled across sweep pages",
+        "",
+        f"`python cli.py pooled {' '.join(f'-c {path}' for path in sweep_paths)} -o {out}`, from the committed "
+        f"pages of {sources}: no run folder is read. Arms are named by how their config differs from "
+        f"`{first.anchor}` of the first page (seed, rounds, run folder and MFV on/off left out). Each cell: mean "
+        "[min, max] over the seeds that reached the round (one seed: its value). *vs base curve*: the healed "
+        "trait minus its own seed's base steering curve at its fluency, where the page recorded it (`gains.csv`).",
+        "",
+        *table([*rows, *references]),
+        "",
+        "![pooled](pooled.png)",
+        "",
+        "## Measured twice",
+        "",
+        *(repeat_lines(pooled.repeats) or ["No config and seed is on two pages."]),
+        "",
+    ]
+    path = out / "pooled.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
