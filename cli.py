@@ -32,6 +32,7 @@ from analyses.pooled import write_pooled_report
 from analyses.project_adapters import format_projection, run_project_adapters
 from interp_heal.architecture import band_to_layers
 from interp_heal.axis_check import format_axis_check
+from interp_heal.collect import StarvedDataError
 from interp_heal.config import Config, config_markdown, config_to_yaml, load_config
 from interp_heal.embedded import EMBEDDED_MODELS, embedded_status
 from interp_heal.errors import ConfigError, InterpHealError
@@ -343,9 +344,11 @@ def sweep(
 ) -> None:
     """Matched loop runs from one sweep file, advanced round by round (rerun to resume); then the report."""
     settings = load_sweep(config)
+    starved: dict[str, str] = {}
     if not report_only:
         others = [run_root(run_config) for run_config in sweep_configs(config).values()]
-        for name, root in run_sweep(config, only).items():
+        folders, starved = run_sweep(config, only)
+        for name, root in folders.items():
             typer.echo(f"{name}: {root}")
             if name in settings.frontier:  # resumable: finished rounds are skipped, a shared round-0 curve reused
                 typer.echo(format_frontier(run_frontier(root, others=others)))
@@ -354,6 +357,9 @@ def sweep(
     else:
         report = write_experiments_report(config, Path(settings.report_dir), settings.anchor, compare_to)
     typer.echo(f"report: {report}")
+    if starved:  # after the report: the other arms' results are written, then the failure said
+        arms = "; ".join(f"{name}: {why}" for name, why in starved.items())
+        raise StarvedDataError(f"{config}: round 0 starved in {len(starved)} run(s), not in the report: {arms}", None)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from typing import Literal
 from loguru import logger
 from pydantic import Field, ValidationError
 
+from interp_heal.collect import StarvedDataError
 from interp_heal.config import Config, Section, key_line, load_config, read_yaml_mapping
 from interp_heal.errors import ConfigError
 from interp_heal.loop import run_loop
@@ -72,7 +73,9 @@ def sweep_configs(path: Path) -> dict[str, Config]:
     return configs
 
 
-def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
+def run_sweep(path: Path, only: list[str] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every selected run advanced to its planned rounds: (run folders by name, why each round-0-starved arm has
+    none). An arm whose round 0 starves has nothing to continue from; the other arms still run."""
     configs = sweep_configs(path)
     unknown = sorted(set(only or []) - set(configs))
     if unknown:
@@ -82,13 +85,18 @@ def run_sweep(path: Path, only: list[str] | None = None) -> dict[str, Path]:
     unselected = {name: run_root(config) for name, config in configs.items() if name not in selected}
     donors = {name: root for name, root in unselected.items() if (root / "state.json").is_file()}
     folders: dict[str, Path] = {}
+    starved: dict[str, str] = {}
     for depth in range(1, max(config.loop.rounds for config in selected.values()) + 1):
         for name, config in selected.items():
-            if depth <= config.loop.rounds:
+            if depth <= config.loop.rounds and name not in starved:
                 logger.info(f"sweep: {name} up to round {depth - 1}")
                 donor = _stage_donor(name, configs, {**donors, **folders})
-                folders[name] = run_loop(config, max_rounds=depth, share_from=donor)
-    return folders
+                try:
+                    folders[name] = run_loop(config, max_rounds=depth, share_from=donor)
+                except StarvedDataError as err:  # only round 0 raises it (a later round ends its run)
+                    logger.error(f"sweep: {name} starved at round 0, the other runs go on: {err}")
+                    starved[name] = str(err)
+    return folders, starved
 
 
 def _stage_donor(name: str, configs: dict[str, Config], folders: dict[str, Path]) -> Path | None:

@@ -30,6 +30,7 @@ from analyses.experiments import (
     tail_shape,
 )
 from cli import app
+from interp_heal.collect import StarvedDataError
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
 from interp_heal.io import write_json
@@ -38,7 +39,7 @@ from interp_heal.provenance import code_label, provenance
 from interp_heal.questions import heading
 from interp_heal.report import stop_reason
 from interp_heal.run_folder import HEAL_INDEPENDENT_STAGES
-from interp_heal.sweep import sweep_configs
+from interp_heal.sweep import run_sweep, sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
 
@@ -118,6 +119,28 @@ def test_a_run_selected_with_only_copies_stages_from_the_sweeps_runs_already_on_
     assert result.exit_code == 0, result.output
     assert _adopted(tmp_path / "runs" / "no_barrier") == set(HEAL_INDEPENDENT_STAGES)
     assert _adopted(tmp_path / "runs" / "rmse_base_seed1") == set(), "another seed shares nothing"
+
+
+def test_an_arm_starved_at_round_0_is_left_out_and_the_others_run_on(tmp_path, monkeypatch):
+    path = _sweep_file(tmp_path, {"fed": [], "starves": ["heal.lam=0"]}, rounds=2)
+    calls = []
+
+    def loop(config, max_rounds, share_from):
+        calls.append((config.output.name, max_rounds))
+        if config.output.name == "starves":
+            raise StarvedDataError("only 3 completions kept", None)
+        return tmp_path / config.output.name
+
+    monkeypatch.setattr("interp_heal.sweep.run_loop", loop)
+    folders, starved = run_sweep(path)
+    assert folders == {"fed": tmp_path / "fed"} and starved == {"starves": "only 3 completions kept"}
+    assert calls == [("fed", 1), ("starves", 1), ("fed", 2)], "a starved arm is not tried again at the next depth"
+    reported = []
+    monkeypatch.setattr("cli.write_experiments_report", lambda *args: reported.append(args) or tmp_path / "r.md")
+    result = CliRunner().invoke(app, ["sweep", "-c", str(path)])
+    assert reported, "the report is written before the starved arm is reported"
+    assert result.exit_code == 2 and "round 0 starved in 1 run(s)" in result.output
+    assert "starves: only 3 completions kept" in result.output
 
 
 def _adopted(run: Path) -> set[str]:
