@@ -368,9 +368,10 @@ def pooled(
         ..., "--config", "-c", exists=True, dir_okay=False, help="Controls sweep files (repeatable; first: anchor)."
     ),
     out: Path = typer.Option(Path("reports/controls_pooled"), "--out", "-o", help="Output folder."),
+    rounds: list[int] = typer.Option([0, 2, 5], "--round", help="Rounds of the at-a-glance table (repeatable)."),
 ) -> None:
     """Every arm with its seeds pooled across committed sweep pages (no run folder needed): pooled.md/.csv/.png."""
-    typer.echo(f"report: {write_pooled_report(configs, out)}")
+    typer.echo(f"report: {write_pooled_report(configs, out, tuple(rounds))}")
 
 
 @app.command("diag-axis")

@@ -46,7 +46,8 @@ READOUTS = {"neutral_fluency": "neutral fluency", "trait_log_odds": "trait"}
 CONTROLS_POINTER = (
     f"{label('steering_less')} {label('steering_needed')} (against prompt distillation) and "
     f"{label('samples_or_distributions')} (the tokens vs logits objective) are the controls sweep's: "
-    "[`reports/controls/controls.md`](controls/controls.md) (`configs/controls.yaml`)."
+    "[`reports/controls/controls.md`](controls/controls.md) (`configs/controls.yaml`), with every arm's seeds pooled "
+    "across the controls pages in [`reports/controls_pooled/pooled.md`](controls_pooled/pooled.md)."
 )
 TAIL_SHAPE = {"kl_p95_over_mean": "neutral KL p95 / mean", "kl_max_over_mean": "neutral KL max / mean"}
 

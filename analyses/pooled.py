@@ -124,10 +124,6 @@ def pool(pages: list[list[PageRun]], reference: Config) -> Pooled:
     return Pooled(groups, repeats)
 
 
-def _seeds_cell(runs: list[PageRun]) -> str:
-    return f"{len(runs)} ({', '.join(str(run.config.seed) for run in runs)})"
-
-
 GAIN = "vs base curve"
 
 
@@ -137,8 +133,11 @@ class PooledRow:
 
     arm: str
     round: str
-    seeds: str
+    seeds: tuple[int, ...]
     values: dict[str, list[float]]  # readout name (READOUTS, GAIN) -> one value per seed, NaN where unmeasured
+
+    def seeds_cell(self) -> str:
+        return f"{len(self.seeds)} ({', '.join(map(str, self.seeds))})"
 
     def finite(self, name: str) -> list[float]:
         return [value for value in self.values.get(name, []) if not math.isnan(value)]
@@ -149,7 +148,9 @@ def group_rows(label: str, seeds: dict[int, PageRun]) -> list[PooledRow]:
     for r in sorted({r for run in seeds.values() for r in run.rounds()}):
         at = [run for _, run in sorted(seeds.items()) if r in run.rounds()]
         values = {name: [run.value(f"healed {r}", key) for run in at] for name, key in READOUTS.items()}
-        rows.append(PooledRow(label, str(r), _seeds_cell(at), values | {GAIN: [run.gain(r) for run in at]}))
+        rows.append(
+            PooledRow(label, str(r), tuple(run.config.seed for run in at), values | {GAIN: [run.gain(r) for run in at]})
+        )
     return rows
 
 
@@ -163,7 +164,7 @@ def reference_rows(groups: dict[str, dict[int, PageRun]]) -> list[PooledRow]:
     for stage in ("base", "prompt-baseline"):
         at = [run for _, run in sorted(by_seed.items()) if stage in run.rows]
         values = {name: [run.value(stage, key) for run in at] for name, key in READOUTS.items()}
-        rows.append(PooledRow(stage, "-", _seeds_cell(at), values))
+        rows.append(PooledRow(stage, "-", tuple(run.config.seed for run in at), values))
     return rows
 
 
@@ -172,7 +173,32 @@ def table(rows: list[PooledRow]) -> list[str]:
     lines = [f"| arm | round | seeds | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names)]
     for row in rows:
         cells = [band(row.finite(name), sign="+" if name == GAIN else "") for name in names]
-        lines.append(f"| {row.arm} | {row.round} | {row.seeds} | {' | '.join(cells)} |")
+        lines.append(f"| {row.arm} | {row.round} | {row.seeds_cell()} | {' | '.join(cells)} |")
+    return lines
+
+
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
+    """The arms that reached the last of `rounds` in some seed, one line each: trait / neutral fluency / adherence
+    (seed means) and the gain over the base curve at each of those rounds."""
+    arms = [arm for arm in dict.fromkeys(row.arm for row in rows)
+            if any(row.arm == arm and row.round == str(rounds[-1]) for row in rows)]  # fmt: skip
+    header = " | ".join(f"round {r}" for r in rounds)
+    lines = [f"| arm | {header} |", "|---|" + "---|" * len(rounds)]
+    for arm in arms:
+        cells = []
+        for r in rounds:
+            row = next((row for row in rows if row.arm == arm and row.round == str(r)), None)
+            if row is None:
+                cells.append("-")
+                continue
+            readouts = " / ".join(_mean(row.finite(name)) for name in ("trait", "neutral fluency", "adherence"))
+            gain = band(row.finite(GAIN), sign="+")
+            cells.append(f"{readouts}; {gain} (seeds {', '.join(map(str, row.seeds))})")
+        lines.append(f"| {arm} | {' | '.join(cells)} |")
     return lines
 
 
@@ -196,7 +222,7 @@ def pooled_csv(rows: list[PooledRow]) -> str:
     for row in rows:
         for name in [*READOUTS, GAIN]:
             if values := row.finite(name):
-                writer.writerow([row.arm, row.round, row.seeds, name, sum(values) / len(values), min(values),
+                writer.writerow([row.arm, row.round, row.seeds_cell(), name, sum(values) / len(values), min(values),
                                  max(values), len(values)])  # fmt: skip
     return buffer.getvalue()
 
@@ -238,7 +264,7 @@ def pooled_figure(rows: list[PooledRow], references: list[PooledRow]) -> go.Figu
     return figure
 
 
-def write_pooled_report(sweep_paths: list[Path], out: Path) -> Path:
+def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, ...] = (0, 2, 5)) -> Path:
     if not sweep_paths:
         raise DataError("pooled needs at least one sweep file (-c)")
     pages = [read_page(path) for path in sweep_paths]
@@ -259,6 +285,15 @@ def write_pooled_report(sweep_paths: list[Path], out: Path) -> Path:
         f"`{first.anchor}` of the first page (seed, rounds, run folder and MFV on/off left out). Each cell: mean "
         "[min, max] over the seeds that reached the round (one seed: its value). *vs base curve*: the healed "
         "trait minus its own seed's base steering curve at its fluency, where the page recorded it (`gains.csv`).",
+        "",
+        f"## At rounds {', '.join(map(str, rounds))}",
+        "",
+        f"Each arm that reached round {rounds[-1]} in some seed; per round the seed means of trait / neutral fluency / "
+        "adherence, then the gain over the base curve: mean [min, max] over the seeds that recorded it.",
+        "",
+        *at_a_glance(rows, rounds),
+        "",
+        "## Every arm, every round",
         "",
         *table([*rows, *references]),
         "",

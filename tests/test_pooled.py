@@ -64,12 +64,16 @@ def test_arms_are_named_by_what_they_change_not_by_seed_rounds_or_mfv():
 
 def test_seeds_from_two_pages_pool_per_round_and_a_repeat_is_measured_once(tmp_path):
     first, second = _pages(tmp_path)
-    report = write_pooled_report([first, second], tmp_path / "pooled").read_text()
+    report = write_pooled_report([first, second], tmp_path / "pooled", rounds=(0, 1)).read_text()
     # Round 0 of the anchor config: seeds 0, 1 (first page) and 2 (second); the second page's seed 1 is a repeat.
     assert f"| {ANCHOR_LABEL} | 0 | 3 (0, 1, 2) | 0.900 [0.800, 1.000] | 0.850 [0.800, 0.900] | " in report
     assert f"| {ANCHOR_LABEL} | 1 | 1 (1) | 1.100 | 0.700 | 0.300 | 0.900 | - |" in report
     assert "| loop.source=prompt | 0 | 1 (0) | 0.600 | 0.950 | 0.700 | 1.000 | -0.200 |" in report
     assert "| base | - | 2 (0, 1) | 0.550 [0.500, 0.600] |" in report
+    glance = report.split("## At rounds 0, 1")[1].split("## Every arm")[0]
+    assert f"| {ANCHOR_LABEL} | 0.900 / 0.850 / 0.500; +0.200 [+0.100, +0.300] (seeds 0, 1, 2) | " \
+           "1.100 / 0.700 / 0.300; - (seeds 1) |" in glance  # fmt: skip
+    assert "loop.source=prompt" not in glance, "an arm that never reached the last round is left out"
     assert "largest |difference| trait_log_odds 0.0100, neutral_fluency 0.0000, adherence 0.0000" in report
     with (tmp_path / "pooled" / "pooled.csv").open() as handle:
         gain = next(row for row in csv.DictReader(handle) if row["readout"] == "vs base curve" and row["round"] == "0"
