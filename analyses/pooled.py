@@ -202,6 +202,15 @@ def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
     return lines
 
 
+def source_lines(groups: dict[str, dict[int, PageRun]]) -> list[str]:
+    """Where each arm's seeds were read: the page and the run name there."""
+    lines = []
+    for label, seeds in groups.items():
+        read = [f"seed {seed} `{run.name}` of `{run.page}`" for seed, run in sorted(seeds.items())]
+        lines.append(f"- {label}: {'; '.join(read)}")
+    return lines
+
+
 def repeat_lines(repeats: list[tuple[PageRun, PageRun]]) -> list[str]:
     """Each config and seed measured twice: the largest |difference| over the stages both have."""
     lines = []
@@ -302,6 +311,10 @@ def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, .
         "## Measured twice",
         "",
         *(repeat_lines(pooled.repeats) or ["No config and seed is on two pages."]),
+        "",
+        "## Where each seed was read",
+        "",
+        *source_lines(pooled.groups),
         "",
     ]
     path = out / "pooled.md"

@@ -74,6 +74,7 @@ def test_seeds_from_two_pages_pool_per_round_and_a_repeat_is_measured_once(tmp_p
     assert f"| {ANCHOR_LABEL} | 0.900 / 0.850 / 0.500; +0.200 [+0.100, +0.300] (seeds 0, 1, 2) | " \
            "1.100 / 0.700 / 0.300; - (seeds 1) |" in glance  # fmt: skip
     assert "loop.source=prompt" not in glance, "an arm that never reached the last round is left out"
+    assert f"- loop.source=prompt: seed 0 `prompt` of `{tmp_path / 'first'}`" in report
     assert "largest |difference| trait_log_odds 0.0100, neutral_fluency 0.0000, adherence 0.0000" in report
     with (tmp_path / "pooled" / "pooled.csv").open() as handle:
         gain = next(row for row in csv.DictReader(handle) if row["readout"] == "vs base curve" and row["round"] == "0"
