@@ -191,9 +191,6 @@ def band(values: list[float], sign: str = "") -> str:
 GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
 
 
-GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
-
-
 def glance(runs: dict[str, Run], anchor: Run, gains: dict[tuple[str, int], dict | None]) -> list[str]:
     """The 2 x 2 (source x target) round by round, each cell's seeds pooled: mean [min, max] over seeds."""
     cells: dict[tuple[str, str], list[Run]] = {}

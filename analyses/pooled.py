@@ -30,8 +30,11 @@ from interp_heal.io import atomic_write_text
 from interp_heal.report import save_figure
 from interp_heal.sweep import load_sweep, sweep_configs
 
-# Config keys that do not change what an arm is: its seed is what is pooled over; rounds only say how far it ran.
-IGNORED_KEYS = ("seed", "output.", "loop.rounds", "eval.mfv", "eval.mfv_data")
+# Config keys that do not change what an arm is: its seed is what is pooled over, rounds only say how far it ran,
+# MFV is a separate readout, and the rest only place or pace the run. Whole keys, or sections ending in a dot. The
+# dtype is kept: bfloat16 on a GPU and float32 on a CPU are different measurements.
+IGNORED_KEYS = ("seed", "output.", "loop.rounds", "eval.mfv", "eval.mfv_data", "model.device", "model.threads",
+                "heal.ref_cache_mb")  # fmt: skip
 READOUTS = {"trait": "trait_log_odds", "neutral fluency": "neutral_fluency", "adherence": "adherence",
             "own replies kept": "generation_keep_rate"}  # fmt: skip
 REPEAT_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
@@ -100,28 +103,42 @@ def flat(tree: dict, prefix: str = "") -> dict[str, object]:
 def arm_label(config: Config, reference: Config) -> str:
     """How the arm differs from the reference, as overrides (`heal.target=logits, loop.source=prompt`)."""
     ours, theirs = flat(config.model_dump()), flat(reference.model_dump())
-    diffs = [f"{key}={ours[key]}" for key in sorted(ours) if ours[key] != theirs.get(key)
-             and not any(key == ignored or key.startswith(ignored) for ignored in IGNORED_KEYS if ignored)]  # fmt: skip
+    diffs = [f"{key}={ours[key]}" for key in sorted(ours) if ours[key] != theirs.get(key) and not ignored(key)]
     return ", ".join(diffs) or ANCHOR_LABEL
+
+
+def ignored(key: str) -> bool:
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in IGNORED_KEYS)
+
+
+def merged(runs: list[PageRun]) -> PageRun:
+    """One seed of one arm from every page that ran it: each stage from the first page that has it, so a rerun that
+    went further adds its later rounds (`repeat_lines` shows how far the shared stages agree)."""
+    rows: dict[str, dict[str, str]] = {}
+    gains: dict[int, dict[str, str]] = {}
+    for run in runs:
+        rows = {**run.rows, **rows}
+        gains = {**run.gains, **gains}
+    return PageRun(runs[0].page, runs[0].name, runs[0].config, rows, gains)
 
 
 @dataclass(frozen=True)
 class Pooled:
-    groups: dict[str, dict[int, PageRun]]  # label -> seed -> the run read for it
-    repeats: list[tuple[PageRun, PageRun]]  # (the run read, a later page's run of the same config and seed)
+    sources: dict[str, dict[int, list[PageRun]]]  # label -> seed -> every page's run of it, in page order
+
+    def groups(self) -> dict[str, dict[int, PageRun]]:
+        return {label: {seed: merged(runs) for seed, runs in seeds.items()} for label, seeds in self.sources.items()}
+
+    def repeats(self) -> list[tuple[PageRun, PageRun]]:
+        return [(runs[0], other) for seeds in self.sources.values() for runs in seeds.values() for other in runs[1:]]
 
 
 def pool(pages: list[list[PageRun]], reference: Config) -> Pooled:
-    groups: dict[str, dict[int, PageRun]] = {}
-    repeats: list[tuple[PageRun, PageRun]] = []
+    sources: dict[str, dict[int, list[PageRun]]] = {}
     for page in pages:
         for run in page:
-            seeds = groups.setdefault(arm_label(run.config, reference), {})
-            if run.config.seed in seeds:
-                repeats.append((seeds[run.config.seed], run))
-            else:
-                seeds[run.config.seed] = run
-    return Pooled(groups, repeats)
+            sources.setdefault(arm_label(run.config, reference), {}).setdefault(run.config.seed, []).append(run)
+    return Pooled(sources)
 
 
 GAIN = "vs base curve"
@@ -140,7 +157,7 @@ class PooledRow:
         return f"{len(self.seeds)} ({', '.join(map(str, self.seeds))})"
 
     def finite(self, name: str) -> list[float]:
-        return [value for value in self.values.get(name, []) if not math.isnan(value)]
+        return _finite(self.values.get(name, []))
 
 
 def group_rows(label: str, seeds: dict[int, PageRun]) -> list[PooledRow]:
@@ -155,8 +172,10 @@ def group_rows(label: str, seeds: dict[int, PageRun]) -> list[PooledRow]:
 
 
 def reference_rows(groups: dict[str, dict[int, PageRun]]) -> list[PooledRow]:
-    """The untrained base and the prompting baseline, per seed (every run of a seed carries the same rows)."""
-    by_seed: dict[int, PageRun] = {}
+    """The untrained base and the prompting baseline per seed, from the anchor's run of that seed where there is one
+    (trait and fluency are the same in every run of a seed; the keep-rate of the base's replies follows the arm's
+    filter, so it is the anchor's filter's)."""
+    by_seed = dict(groups.get(ANCHOR_LABEL, {}))
     for seeds in groups.values():
         for seed, run in seeds.items():
             by_seed.setdefault(seed, run)
@@ -185,7 +204,7 @@ def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
     """The arms that reached the last of `rounds` in some seed, one line each: trait / neutral fluency / adherence
     (seed means) and the gain over the base curve at each of those rounds."""
     arms = [arm for arm in dict.fromkeys(row.arm for row in rows)
-            if any(row.arm == arm and row.round == str(rounds[-1]) for row in rows)]  # fmt: skip
+            if any(row.arm == arm and row.round == str(max(rounds)) for row in rows)]  # fmt: skip
     header = " | ".join(f"round {r}" for r in rounds)
     lines = [f"| arm | {header} |", "|---|" + "---|" * len(rounds)]
     for arm in arms:
@@ -202,13 +221,22 @@ def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
     return lines
 
 
-def source_lines(groups: dict[str, dict[int, PageRun]]) -> list[str]:
-    """Where each arm's seeds were read: the page and the run name there."""
+def _finite(values: list[float]) -> list[float]:
+    return [value for value in values if not math.isnan(value)]
+
+
+def source_lines(sources: dict[str, dict[int, list[PageRun]]]) -> list[str]:
+    """Where each arm's seeds were read: the page, the run name there and the rounds it has."""
     lines = []
-    for label, seeds in groups.items():
-        read = [f"seed {seed} `{run.name}` of `{run.page}`" for seed, run in sorted(seeds.items())]
+    for label, seeds in sources.items():
+        read = [f"seed {seed} `{run.name}` of `{run.page}` (rounds {_span(run.rounds())})"
+                for seed, runs in sorted(seeds.items()) for run in runs]  # fmt: skip
         lines.append(f"- {label}: {'; '.join(read)}")
     return lines
+
+
+def _span(rounds: list[int]) -> str:
+    return f"{rounds[0]}-{rounds[-1]}" if rounds else "none"
 
 
 def repeat_lines(repeats: list[tuple[PageRun, PageRun]]) -> list[str]:
@@ -216,7 +244,7 @@ def repeat_lines(repeats: list[tuple[PageRun, PageRun]]) -> list[str]:
     lines = []
     for first, second in repeats:
         stages = sorted(set(first.rows) & set(second.rows))
-        diffs = {key: max((abs(first.value(s, key) - second.value(s, key)) for s in stages), default=math.nan)
+        diffs = {key: max(_finite([abs(first.value(s, key) - second.value(s, key)) for s in stages]), default=math.nan)
                  for key in REPEAT_READOUTS}  # fmt: skip
         measured = ", ".join(f"{key} {value:.4f}" for key, value in diffs.items())
         lines.append(f"- `{first.name}` of `{first.page}` and `{second.name}` of `{second.page}` (seed "
@@ -280,8 +308,10 @@ def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, .
     first = load_sweep(sweep_paths[0])
     reference = sweep_configs(sweep_paths[0])[first.anchor]
     pooled = pool(pages, reference)
-    rows = [row for label, seeds in pooled.groups.items() for row in group_rows(label, seeds)]
-    references = reference_rows(pooled.groups)
+    groups = pooled.groups()
+    rows = [row for label, seeds in groups.items() for row in group_rows(label, seeds)]
+    references = reference_rows(groups)
+    rounds = tuple(sorted(rounds))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pooled.csv", pooled_csv([*rows, *references]))
     save_figure(pooled_figure(rows, references), out / "pooled")
@@ -293,7 +323,9 @@ def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, .
         f"pages of {sources}: no run folder is read. Arms are named by how their config differs from "
         f"`{first.anchor}` of the first page (seed, rounds, run folder and MFV on/off left out). Each cell: mean "
         "[min, max] over the seeds that reached the round (one seed: its value). *vs base curve*: the healed "
-        "trait minus its own seed's base steering curve at its fluency, where the page recorded it (`gains.csv`).",
+        "trait minus its own seed's base steering curve at its fluency, where the page recorded it (`gains.csv`; "
+        "'-': none recorded, as for the subset arms of the pages older than `gains.csv`, whose tables left them out). "
+        "A seed run on two pages is read stage by stage from the first page that has the stage.",
         "",
         f"## At rounds {', '.join(map(str, rounds))}",
         "",
@@ -310,11 +342,11 @@ def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, .
         "",
         "## Measured twice",
         "",
-        *(repeat_lines(pooled.repeats) or ["No config and seed is on two pages."]),
+        *(repeat_lines(pooled.repeats()) or ["No config and seed is on two pages."]),
         "",
         "## Where each seed was read",
         "",
-        *source_lines(pooled.groups),
+        *source_lines(pooled.sources),
         "",
     ]
     path = out / "pooled.md"

@@ -13,6 +13,7 @@ from analyses.pooled import ANCHOR_LABEL, arm_label, read_page, write_pooled_rep
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import DataError
+from interp_heal.sweep import load_sweep, sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
 FIELDS = ["run", "stage", "round", "trait_log_odds", "neutral_fluency", "adherence", "generation_keep_rate"]
@@ -84,6 +85,19 @@ def test_seeds_from_two_pages_pool_per_round_and_a_repeat_is_measured_once(tmp_p
     assert (tmp_path / "pooled" / "pooled.html").is_file()
 
 
+def test_a_rerun_that_went_further_adds_its_later_rounds(tmp_path):
+    first = _page(tmp_path, "first", {"steer": []}, [["steer", "healed 0", 0, 0.8, 0.9, 0.6, 0.95]])
+    second = _page(tmp_path, "second", {"steer_again": []},
+                   [["steer_again", "healed 0", 0, 0.7, 0.9, 0.6, 0.95],
+                    ["steer_again", "healed 1", 1, 1.2, 0.8, 0.5, 0.95]])  # fmt: skip
+    report = write_pooled_report([first, second], tmp_path / "pooled", rounds=(1, 0)).read_text()
+    assert f"| {ANCHOR_LABEL} | 0 | 1 (0) | 0.800 |" in report, "round 0 from the first page"
+    assert f"| {ANCHOR_LABEL} | 1 | 1 (0) | 1.200 |" in report, "round 1 only the rerun has"
+    assert "## At rounds 0, 1" in report
+    assert "largest |difference| trait_log_odds 0.1000" in report
+    assert "(rounds 0-0); seed 0 `steer_again`" in report
+
+
 def test_a_page_and_sweep_that_disagree_or_an_unreported_sweep_are_errors(tmp_path):
     sweep = _page(tmp_path, "page", {"steer": []}, [["elsewhere", "healed 0", 0, 1.0, 1.0, 1.0, 1.0]])
     with pytest.raises(DataError, match="does not define"):
@@ -102,17 +116,24 @@ def test_the_cli_writes_the_pooled_page(tmp_path):
 
 @pytest.mark.parametrize("page", sorted(path.parent for path in Path("reports").glob("*/gains.csv")))
 def test_committed_gains_match_their_page(page: Path):
-    """A page's gains.csv is what its controls.md table shows (pages older than gains.csv had theirs transcribed
-    from that table after their run folders were gone: this keeps the transcription honest)."""
-    table = (page / "controls.md").read_text()
+    """A page's gains.csv is what its controls.md table shows, row for row both ways (pages older than gains.csv had
+    theirs transcribed from that table after their run folders were gone: this keeps the transcription honest). The
+    table lists the arms trained on all their data; gains.csv every arm."""
+    every_arm_row = re.compile(r"\| `(\w+)` \| \w+ x \w+ \| (\d+) \| .* \| ([^|]+) \|$")
+    table = {(m[1], int(m[2])): m[3].strip() for line in (page / "controls.md").read_text().splitlines()
+             if (m := every_arm_row.match(line))}  # fmt: skip
     with (page / "gains.csv").open() as handle:
-        for row in csv.DictReader(handle):
-            if row["note"]:
-                cell = f"not spanned ({row['note']})"
-            else:
-                gain, low, high = (float(row[key]) for key in ("trait_gain", "ci_low", "ci_high"))
-                assert not math.isnan(gain)
-                cell = f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
-            every_arm_row = re.compile(rf"\| `{row['run']}` \| \w+ x \w+ \| {row['round']} \| ")
-            line = next(line for line in table.splitlines() if every_arm_row.match(line))
-            assert line.endswith(f"| {cell} |"), (page, row)
+        committed = {(row["run"], int(row["round"])): _cell(row) for row in csv.DictReader(handle)}
+    assert table and {key: committed.get(key) for key in table} == table
+    sweeps = [sweep for sweep in Path("configs").glob("controls*.yaml") if Path(load_sweep(sweep).report_dir) == page]
+    subset_arms = {name for sweep in sweeps for name, config in sweep_configs(sweep).items()
+                   if config.heal.max_examples is not None}  # fmt: skip
+    assert {key for key in committed if key not in table} <= {key for key in committed if key[0] in subset_arms}
+
+
+def _cell(row: dict[str, str]) -> str:
+    if row["note"]:
+        return f"not spanned ({row['note']})"
+    gain, low, high = (float(row[key]) for key in ("trait_gain", "ci_low", "ci_high"))
+    assert not math.isnan(gain)
+    return f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
