@@ -22,6 +22,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 from analyses.controls import band
 from interp_heal.config import Config
@@ -276,28 +277,36 @@ def _path(rows: list[PooledRow], name: str) -> tuple[list[float], list[float], l
     return means, plus, minus
 
 
+def _whiskers(plus: list[float], minus: list[float]) -> dict[str, object]:
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}
+
+
 def pooled_figure(rows: list[PooledRow], references: list[PooledRow]) -> go.Figure:
-    """Trait against neutral fluency: each arm's rounds as a path of seed means, whiskers from the seeds' min to max;
-    the base and the prompting baseline as stars."""
-    figure = go.Figure()
-    for row in references:
-        (x, _, _), (y, _, _) = _path([row], "neutral fluency"), _path([row], "trait")
-        figure.add_trace(go.Scatter(x=x, y=y, mode="markers+text", name=row.arm, text=[row.arm],
-                                    textposition="bottom center", marker={"symbol": "star", "size": 14,
-                                                                          "color": "black"}))  # fmt: skip
-    arms = list(dict.fromkeys(row.arm for row in rows))
-    for arm, colour in zip(arms, qualitative.Dark24 * 4, strict=False):
-        at = [row for row in rows if row.arm == arm]
-        (x, x_plus, x_minus), (y, y_plus, y_minus) = _path(at, "neutral fluency"), _path(at, "trait")
-        figure.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers+text", name=arm, line={"color": colour}, text=[row.round for row in at],
-            textposition="top center", error_x={"type": "data", "symmetric": False, "array": x_plus,
-                                                "arrayminus": x_minus},
-            error_y={"type": "data", "symmetric": False, "array": y_plus, "arrayminus": y_minus},
-        ))  # fmt: skip
+    """Trait against neutral fluency (left) and against task adherence (right): each multi-round arm's rounds as a
+    path of seed means, whiskers from the seeds' min to max; the base and the prompting baseline as stars. Arms
+    run for round 0 only (the subset arms) are in the tables, not here."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("trait vs neutral fluency", "trait vs task adherence"),
+                           shared_yaxes=True)  # fmt: skip
+    arms = [arm for arm in dict.fromkeys(row.arm for row in rows) if any(r.arm == arm and r.round != "0" for r in rows)]
+    for col, x_name in enumerate(("neutral fluency", "adherence"), start=1):
+        for row in references:
+            (x, _, _), (y, _, _) = _path([row], x_name), _path([row], "trait")
+            star = {"symbol": "star", "size": 14, "color": "black"}
+            figure.add_trace(go.Scatter(x=x, y=y, mode="markers+text", name=row.arm, text=[row.arm], marker=star,
+                                        textposition="bottom center", showlegend=col == 1, legendgroup=row.arm),
+                             row=1, col=col)  # fmt: skip
+        for arm, colour in zip(arms, qualitative.Dark24 * 4, strict=False):
+            at = [row for row in rows if row.arm == arm]
+            (x, x_plus, x_minus), (y, y_plus, y_minus) = _path(at, x_name), _path(at, "trait")
+            figure.add_trace(go.Scatter(
+                x=x, y=y, mode="lines+markers+text", name=arm, line={"color": colour}, legendgroup=arm,
+                showlegend=col == 1, text=[row.round for row in at], textposition="top center",
+                error_x=_whiskers(x_plus, x_minus), error_y=_whiskers(y_plus, y_minus),
+            ), row=1, col=col)  # fmt: skip
+        figure.update_xaxes(title_text=x_name, row=1, col=col)
+    figure.update_yaxes(title_text="trait (paired-response log-odds)", row=1, col=1)
     figure.update_layout(title="Every arm, seeds pooled: mean over seeds, whiskers min-max (label: round)",
-                         xaxis_title="neutral fluency", yaxis_title="trait (paired-response log-odds)",
-                         width=1100, height=700)  # fmt: skip
+                         width=1400, height=700, legend={"orientation": "h", "y": -0.15})  # fmt: skip
     return figure
 
 
