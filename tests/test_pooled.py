@@ -137,3 +137,15 @@ def _cell(row: dict[str, str]) -> str:
     gain, low, high = (float(row[key]) for key in ("trait_gain", "ci_low", "ci_high"))
     assert not math.isnan(gain)
     return f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def test_the_committed_pooled_page_is_what_its_pages_give_today(tmp_path):
+    """reports/controls_pooled is regenerated from the sweep files its own command line names: a page committed
+    later (or edited) without rerunning `pooled` fails here."""
+    committed = Path("reports/controls_pooled")
+    command = re.search(r"`python cli\.py pooled ([^`]*) -o ", (committed / "pooled.md").read_text())
+    assert command is not None
+    sweeps = [Path(path) for path in re.findall(r"-c (\S+)", command[1])]
+    assert len(sweeps) >= 2
+    write_pooled_report(sweeps, tmp_path)
+    assert (tmp_path / "pooled.csv").read_text() == (committed / "pooled.csv").read_text()
