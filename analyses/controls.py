@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -359,28 +360,35 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
     return [*lines, "", *distributions_minus_samples(rows)]
 
 
+def target_twin(config: Config) -> str:
+    """The config with `heal.target` (and what only names or lengthens a run) left out: a logits arm and its tokens
+    twin share it, so a filter or barrier variant with the same kept count is never taken for the twin."""
+    kept = config.model_dump(mode="json", exclude={"output": True, "loop": {"rounds"}, "heal": {"target"}})
+    return json.dumps(kept, sort_keys=True)
+
+
 def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[str]:
-    """Per source and number of examples, the logits arm's healed student minus the tokens arm's (round 0)."""
-    # One seed per setting (the lowest present): other seeds' arms would share a key.
+    """Per source and number of examples, the logits arm's healed student minus its tokens twin's (round 0)."""
+    # One seed per table (the lowest present), as the page's other per-seed tables.
     seed = min((run.config.seed for *_, run in rows), default=0)
-    by_setting = {
-        (run.config.loop.source, run.config.heal.target, n): run for _, n, _, run in rows if run.config.seed == seed
-    }
+    twins = {(target_twin(run.config), run.config.heal.target): run for *_, run in rows if run.config.seed == seed}
     lines = [
-        f"Samples or distributions at each number of examples (seed {seed}): the logits arm minus the tokens arm, "
-        "trait paired over items [95% CI], neutral fluency as a difference of point values.",
+        f"Samples or distributions at each number of examples (seed {seed}): the logits arm minus the tokens arm "
+        "with the same settings otherwise, trait paired over items [95% CI], neutral fluency as a difference of "
+        "point values.",
         "",
         "| source | examples | trait: logits - tokens [95% CI] | fluency: logits - tokens |",
         "|---|---|---|---|",
     ]
-    for (source, target, n), logits in sorted(by_setting.items()):
-        tokens = by_setting.get((source, "tokens", n))
-        if target != "logits" or tokens is None:
+    for _, n, _, logits in sorted(rows, key=lambda row: (row[3].config.loop.source, row[1], row[2])):
+        tokens = twins.get((target_twin(logits.config), "tokens"))
+        if logits.config.seed != seed or logits.config.heal.target != "logits" or tokens is None:
             continue
         diff = paired_difference(eval_json(logits, "healed 0")["trait"], eval_json(tokens, "healed 0")["trait"],
                                  N_BOOTSTRAP)  # fmt: skip
         low, high = diff["ci95"]
         gap = fluency(logits, "healed 0") - fluency(tokens, "healed 0")
+        source = logits.config.loop.source
         lines.append(f"| {source} | {n} | {diff['diff']:+.3f} [{low:+.3f}, {high:+.3f}] | {gap:+.3f} |")
     return [*lines, ""] if len(lines) > 4 else []
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analyses.controls import glance, seed_anchors, stopped_runs, verdicts
+from analyses.controls import arm_kind, distributions_minus_samples, glance, seed_anchors, stopped_runs, verdicts
 from analyses.experiments import Run, seed_group
 from analyses.frontier import CurvePoint, healing_gain
 from cli import app
@@ -136,3 +136,20 @@ def test_arms_the_loop_stopped_are_listed_with_its_reason(tmp_path):
         "",
     ]  # fmt: skip
     assert stopped_runs({"steer": _run("steer", tmp_path)}) == []
+
+
+def test_the_logits_arm_is_paired_with_its_tokens_twin_not_a_variant_with_the_same_kept_count(monkeypatch):
+    """A barrier or filter variant trained on as many examples as the tokens arm must not stand in for it."""
+    traits = {"steer": 0.8, "steer_p95": 0.5, "steer_logits": 1.0}
+
+    def run(name: str, *overrides: str) -> Run:
+        row = {"stage": "healed 0", "round": 0, "neutral_fluency": 0.9}
+        return Run(name, load_config(SMOKE, [f"output.name={name}", *overrides]), [row], [], [])
+
+    monkeypatch.setattr("analyses.controls.eval_json", lambda r, stage: {"trait": {"per_item": [traits[r.name]] * 4}})
+    runs = [run("steer"), run("steer_logits", "heal.target=logits", "loop.rounds=1"),
+            run("steer_p95", "heal.agg=p95", "heal.tau=1.02")]  # fmt: skip
+    rows = [(arm_kind(r), 57, r.name, r) for r in runs]
+    table = [line for line in distributions_minus_samples(rows) if line.startswith("| steer |")]
+    assert table == ["| steer | 57 | +0.200 [+0.200, +0.200] | +0.000 |"]
+    assert distributions_minus_samples([row for row in rows if row[2] != "steer"]) == [], "no twin, no row"
