@@ -168,15 +168,18 @@ def two_by_two(runs: dict[str, Run], anchors: dict[int, Run], gains: dict[tuple[
     return [*lines, ""]
 
 
+def variant_settings(config: Config) -> dict:
+    """Everything but what the 2 x 2 varies (source, target), the seed and what only names or lengthens a run: two
+    arms with equal settings differ in nothing else (a filter variant, a subset of the data, ... do)."""
+    return config.model_dump(mode="json", exclude={"seed": True, "output": True, "loop": {"rounds", "source"},
+                                                   "heal": {"target"}})  # fmt: skip
+
+
 def cell_of(run: Run, anchor: Run) -> tuple[str, str] | None:
     """The run's (source, target) cell of the 2 x 2 when it differs from the anchor only there and in seed and
     rounds; None for the other arms (a filter variant, a subset of the data, ...)."""
-
-    def core(config: Config) -> dict:
-        return config.model_dump(exclude={"seed": True, "output": True, "loop": {"rounds", "source"},
-                                          "heal": {"target"}})  # fmt: skip
-
-    return (run.config.loop.source, run.config.heal.target) if core(run.config) == core(anchor.config) else None
+    same = variant_settings(run.config) == variant_settings(anchor.config)
+    return (run.config.loop.source, run.config.heal.target) if same else None
 
 
 def band(values: list[float], sign: str = "") -> str:
@@ -361,10 +364,9 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
 
 
 def target_twin(config: Config) -> str:
-    """The config with `heal.target` (and what only names or lengthens a run) left out: a logits arm and its tokens
-    twin share it, so a filter or barrier variant with the same kept count is never taken for the twin."""
-    kept = config.model_dump(mode="json", exclude={"output": True, "loop": {"rounds"}, "heal": {"target"}})
-    return json.dumps(kept, sort_keys=True)
+    """A key a logits arm shares with its tokens twin (same seed, source and settings), so a filter or barrier variant
+    with the same kept count is never taken for the twin."""
+    return json.dumps([config.seed, config.loop.source, variant_settings(config)], sort_keys=True)
 
 
 def distributions_minus_samples(rows: list[tuple[str, int, str, Run]]) -> list[str]:
