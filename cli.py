@@ -30,6 +30,7 @@ from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.pooled import write_pooled_report
 from analyses.project_adapters import format_projection, run_project_adapters
+from analyses.rescore import rescore_run
 from interp_heal.architecture import band_to_layers
 from interp_heal.axis_check import format_axis_check
 from interp_heal.collect import StarvedDataError
@@ -415,6 +416,16 @@ def frontier(
     """Is healing more than steering less? Each round's steering curve (>= 7 doses) against the healed student."""
     results = run_frontier(run_dir, rounds, out, share_from)
     typer.echo(format_frontier(results))
+
+
+@app.command()
+def rescore(
+    run_dirs: list[Path] = typer.Option(..., "--run", help="Loop run folder(s) evaluated before the readout existed."),
+) -> None:
+    """Add the held-out trait (own replies read under each persona) to runs evaluated before it existed."""
+    for run_dir in run_dirs:
+        written = rescore_run(run_dir)
+        typer.echo(f"{run_dir}: held-out trait for {len(written)} eval(s); metrics.csv and summary.md rewritten")
 
 
 @app.command()

@@ -68,6 +68,16 @@ def sample_replies(
     )
 
 
+def prompt_means(prompts: list[str], values: list[float]) -> torch.Tensor:
+    """One value per distinct prompt (first-seen order): the mean of its replies' values, NaNs left out (a prompt
+    whose replies are all NaN is left out). Replies to one prompt are not independent, so CIs resample these."""
+    by_prompt: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, values, strict=True):
+        if not math.isnan(value):
+            by_prompt.setdefault(prompt, []).append(value)
+    return torch.tensor([sum(group) / len(group) for group in by_prompt.values()])
+
+
 def score_adherence(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -86,11 +96,7 @@ def score_adherence(
         own_nlls = base_token_nlls(model, tokenizer, replies, batch_size)
     pmis = prompt_pmi(model, tokenizer, replies, others, own_nlls, batch_size)
     nlls = [float(nll.mean()) if nll.numel() else math.nan for nll in own_nlls]
-    by_prompt: dict[str, list[float]] = {}
-    for reply, pmi in zip(replies, pmis, strict=True):
-        if not math.isnan(pmi):
-            by_prompt.setdefault(reply.prompt, []).append(pmi)
-    per_prompt = torch.tensor([sum(values) / len(values) for values in by_prompt.values()])
+    per_prompt = prompt_means([reply.prompt for reply in replies], pmis)
     ci = list(bootstrap_ci(per_prompt, n_bootstrap)) if per_prompt.numel() else [math.nan, math.nan]
     present = [nll for nll in nlls if not math.isnan(nll)]
     return {

@@ -60,11 +60,12 @@ def base_token_nlls(
     completions: list[Completion],
     batch_size: int = 16,
     prompts: list[str] | None = None,
+    persona: str | None = None,
 ) -> list[torch.Tensor]:
     """Per-token NLL of each completion's tokens under the base model (no adapter, no steering hook), after its
-    own prompt or, when given, after `prompts[i]` instead."""
+    own prompt or, when given, after `prompts[i]` instead; with `persona` in the chat the way the loop puts it."""
     users = prompts if prompts is not None else [c.prompt for c in completions]
-    prompt_ids = tokenizer(render_prompts(tokenizer, users), add_special_tokens=False)
+    prompt_ids = tokenizer(render_prompts(tokenizer, users, persona), add_special_tokens=False)
     device = next(model.parameters()).device
     nlls: list[torch.Tensor] = []
     for start in range(0, len(completions), batch_size):

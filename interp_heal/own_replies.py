@@ -1,4 +1,5 @@
-"""What a model state writes when left to itself: task adherence and generation coherence of its own replies.
+"""What a model state writes when left to itself: task adherence, held-out trait and generation coherence of its own
+replies.
 
 Neutral fluency (exp(base NLL - NLL) on fixed neutral text) reads how a state *scores* text someone else wrote;
 it cannot see what the state writes. Generation coherence does: the state samples replies to the held-out
@@ -13,7 +14,8 @@ training data:
 - `keep_rate`: the share of replies the loop's own filter (`filter:` config, narration checks included) would
   keep, with the drop reasons counted.
 
-One set of replies feeds both readouts, so they describe the same text and cost one sampling pass.
+One set of replies feeds all three readouts (the held-out trait: `interp_heal.reply_trait`), so they describe the same
+text and cost one sampling pass.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from interp_heal.config import Config
 from interp_heal.filter import ScoredCompletion, base_token_nlls, drop_reasons, score_completions, summarise
 from interp_heal.generate import Completion
 from interp_heal.personas import PersonaPair
+from interp_heal.reply_trait import reply_trait
 from interp_heal.steer import Steering
 
 GENERATION_COLUMNS = ("generation_nll", "generation_tail_ppl", "generation_repetition", "generation_keep_rate")
@@ -85,11 +88,17 @@ def own_reply_readouts(
     steering: Steering | None = None,
     persona: str | None = None,
 ) -> dict[str, dict]:
-    """The `adherence` and `generation` blocks of an eval JSON for one model state, from one set of replies."""
+    """The `adherence`, `reply_trait` (held-out trait) and `generation` blocks of an eval JSON for one model state,
+    from one set of replies."""
     replies = held_out_replies(model, tokenizer, config, steering, persona)
     own_nlls = base_token_nlls(model, tokenizer, replies, config.eval.batch_size)
+    prompts, texts = [reply.prompt for reply in replies], [reply.completion for reply in replies]
+    eval_config = config.eval
     return {
         "adherence": task_adherence(model, tokenizer, config, steering, persona, replies, own_nlls),
+        "reply_trait": reply_trait(
+            model, tokenizer, prompts, texts, pair, eval_config.n_bootstrap, eval_config.batch_size
+        ),
         "generation": generation_coherence(model, tokenizer, replies, pair, config, own_nlls),
     }
 

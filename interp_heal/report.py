@@ -23,13 +23,15 @@ from interp_heal.io import atomic_write_text, read_json
 from interp_heal.mfv import FOUNDATIONS
 from interp_heal.own_replies import GENERATION_COLUMNS, generation_columns
 from interp_heal.questions import heading
+from interp_heal.reply_trait import COLUMNS as REPLY_TRAIT_COLUMNS
+from interp_heal.reply_trait import reply_trait_columns, with_sidecar
 from interp_heal.run_folder import round_path
 from interp_heal.steer import SteeringVector
 
 METRIC_FIELDS = (
     "stage", "round", "trait_log_odds", "trait_ci_low", "trait_ci_high", *COHERENCE_COLUMNS, "neutral_nll",
     "neutral_kl_mean", "neutral_kl_rmse", "neutral_kl_p95", "neutral_kl_max", "adherence", "adherence_ci_low",
-    "adherence_ci_high", "adherence_nll", *GENERATION_COLUMNS, "care_nats", "auth_nats",
+    "adherence_ci_high", "adherence_nll", *REPLY_TRAIT_COLUMNS, *GENERATION_COLUMNS, "care_nats", "auth_nats",
     *[f"nats_{f}" for f in FOUNDATIONS],
     "nll_prefill", "top1_acc", "kept", "generated", "keep_rate", "kappa", "eval_coeff",
     "train_nll", "train_kl_mean", "train_kl_rmse", "train_kl_p95", "train_kl_max", "val_nll", "lam_eff",
@@ -39,6 +41,11 @@ METRIC_FIELDS = (
 
 def _read(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
+
+
+def _read_eval(path: Path) -> dict:
+    """An eval JSON with the readouts computed after it was written (`reply_trait.with_sidecar`)."""
+    return with_sidecar(_read(path), path) if path.is_file() else {}
 
 
 def stop_reason(root: Path) -> str:
@@ -63,6 +70,7 @@ def _eval_columns(result: dict, base: dict) -> dict[str, object]:
         "top1_acc": result.get("top1_acc"),
         **{f"nats_{f}": result.get("nats", {}).get(f) for f in FOUNDATIONS},
         **adherence_columns(result),
+        **reply_trait_columns(result),
         **generation_columns(result),
         **coherence_columns(result, base),
     }
@@ -70,11 +78,11 @@ def _eval_columns(result: dict, base: dict) -> dict[str, object]:
 
 
 def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
-    base = _read(root / "eval_base.json")
+    base = _read_eval(root / "eval_base.json")
     rows: list[dict[str, object]] = []
     if base:
         rows.append({"stage": "base", "round": -1, **_eval_columns(base, base)})
-    prompt = _read(root / "eval_prompt.json")
+    prompt = _read_eval(root / "eval_prompt.json")
     if prompt:
         rows.append({"stage": "prompt-baseline", "round": -1, **_eval_columns(prompt, base)})
     vector_0 = round_path(root, 0) / "vector.safetensors"
@@ -88,7 +96,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
                 "vector_cos_r0": vector.band_cosine(SteeringVector.load(vector_0)),
                 "vector_norm": float(vector.directions[list(vector.layers)].norm()),
             }
-        steered = _read(round_dir / "eval_steered.json")
+        steered = _read_eval(round_dir / "eval_steered.json")
         if steered:
             rows.append({
                 "stage": f"steered {round_index}", "round": round_index, **_eval_columns(steered, base),
@@ -96,7 +104,7 @@ def metric_rows(root: Path, config: Config) -> list[dict[str, object]]:
                 "keep_rate": collect.get("keep_rate"), "kappa": collect.get("kappa"),
                 "eval_coeff": collect.get("eval_coeff"), **vector_info,
             })  # fmt: skip
-        healed = _read(round_dir / "eval_healed.json")
+        healed = _read_eval(round_dir / "eval_healed.json")
         if healed:
             rows.append({
                 "stage": f"healed {round_index}", "round": round_index, **_eval_columns(healed, base),

@@ -1,0 +1,94 @@
+"""Held-out trait (interp_heal.reply_trait): the sign of the persona log-ratio, its pairing with the replies, and
+`rescore` reproducing the live readout for a run folder evaluated before it existed."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from analyses.rescore import eval_paths, pending, rescore_run
+from interp_heal.errors import DataError
+from interp_heal.models import build_tiny_llama
+from interp_heal.personas import PersonaPair, render_prompts
+from interp_heal.reply_trait import reply_trait, sidecar_path, stored_reply_trait
+from interp_heal.run_folder import RunFolder, read_run
+from interp_heal.sequences import continuation_logprobs, pad_left
+
+PAIR = PersonaPair("love", pos="You love everyone warmly.", neg="You are a cold machine.")
+PROMPTS = ["How was your day?", "What do you think of people?"]
+WARM = "I adore people and every day with them fills my heart."
+COLD = "I am a program and I do not have days or opinions."
+
+
+@pytest.fixture(scope="module")
+def persona_taught(tokenizer):
+    """The tiny model trained to answer every prompt warmly after the pos persona and coldly after the neg one."""
+    model = build_tiny_llama(len(tokenizer), seed=2)
+    chats = [(persona, reply) for persona, reply in ((PAIR.pos, WARM), (PAIR.neg, COLD))]
+    prompts, replies = [], []
+    for persona, reply in chats:
+        prompts += tokenizer(render_prompts(tokenizer, PROMPTS, persona), add_special_tokens=False)["input_ids"]
+        replies += [tokenizer.encode(reply, add_special_tokens=False)] * len(PROMPTS)
+    batch = pad_left(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = -torch.cat(continuation_logprobs(model(**batch.model_inputs()).logits, batch)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_replies_of_the_pos_persona_read_positive_and_of_the_neg_one_negative(persona_taught, tokenizer):
+    warm = reply_trait(persona_taught, tokenizer, PROMPTS, [WARM] * 2, PAIR, n_bootstrap=100, batch_size=4)
+    cold = reply_trait(persona_taught, tokenizer, PROMPTS, [COLD] * 2, PAIR, n_bootstrap=100, batch_size=4)
+    assert warm["log_ratio"] > 0.2 and warm["ci95"][0] > 0
+    assert cold["log_ratio"] < -0.2 and cold["ci95"][1] < 0
+    mixed = reply_trait(persona_taught, tokenizer, PROMPTS, [WARM, COLD], PAIR, n_bootstrap=100, batch_size=4)
+    assert mixed["per_reply"] == pytest.approx([warm["per_reply"][0], cold["per_reply"][1]], abs=1e-5)
+
+
+def test_one_persona_on_both_sides_reads_zero(tiny_model, tokenizer):
+    same = PersonaPair("love", pos=PAIR.pos, neg=PAIR.pos)
+    result = reply_trait(tiny_model, tokenizer, PROMPTS, [WARM, COLD], same, n_bootstrap=50, batch_size=4)
+    assert result["per_reply"] == [0.0, 0.0] and result["log_ratio"] == 0.0
+
+
+def test_an_eval_without_stored_replies_is_a_clear_error(tiny_model, tokenizer):
+    with pytest.raises(DataError, match=r"eval\.adherence"):
+        stored_reply_trait(tiny_model, tokenizer, {"trait": {}}, PAIR, n_bootstrap=10, batch_size=4)
+
+
+def _as_before_the_readout(run, root):
+    """A copy of a finished run whose evals lack the readout, recorded as finished (an older run folder)."""
+    shutil.copytree(run, root)
+    state = json.loads((root / "state.json").read_text())
+    live = {}
+    for path in eval_paths(root):
+        result = json.loads(path.read_text())
+        live[path.name if path.parent == root else f"{path.parent.name}/{path.name}"] = result.pop("reply_trait")
+        path.write_text(json.dumps(result))
+        stage = next(name for name, entry in state.items() if str(path.relative_to(root)) in entry["sha256"])
+        RunFolder(root).mark_done(stage, state[stage]["seconds"], (path,))
+    return live
+
+
+def test_rescore_reproduces_the_live_readout_without_touching_the_evals(smoke_run, tmp_path):
+    root = tmp_path / "old_run"
+    live = _as_before_the_readout(smoke_run, root)
+    assert len(pending(root)) == len(live) >= 6  # base, prompt, steered and healed of two rounds
+    hashes = {path: path.read_bytes() for path in eval_paths(root)}
+    written = rescore_run(root)
+    assert len(written) == len(live) and pending(root) == []
+    assert {path: path.read_bytes() for path in eval_paths(root)} == hashes
+    read_run(root)  # every recorded sha256 still matches
+    for path in eval_paths(root):
+        key = path.name if path.parent == root else f"{path.parent.name}/{path.name}"
+        rescored = json.loads(sidecar_path(path).read_text())
+        assert rescored["per_reply"] == pytest.approx(live[key]["per_reply"], abs=1e-5)
+    rows = list(csv.DictReader((root / "metrics.csv").open()))
+    healed = next(row for row in rows if row["stage"] == "healed 1")
+    assert float(healed["reply_trait"]) == pytest.approx(live["round_01/eval_healed.json"]["log_ratio"], abs=1e-5)
+    assert rescore_run(root) == []  # resumable: nothing left to score
