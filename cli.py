@@ -20,6 +20,7 @@ from loguru import logger
 from safetensors import SafetensorError
 from typer.core import TyperGroup
 
+from analyses.answers import write_answers
 from analyses.controls import write_controls_report
 from analyses.diag_axis import evaluations_from_config, evaluations_from_run, format_table, run_diag_axis
 from analyses.diffs import format_diffs, run_diffs
@@ -370,9 +371,17 @@ def pooled(
     ),
     out: Path = typer.Option(Path("reports/controls_pooled"), "--out", "-o", help="Output folder."),
     rounds: list[int] = typer.Option([0, 2, 5], "--round", help="Rounds of the at-a-glance table (repeatable)."),
+    experiments: Path | None = typer.Option(
+        None,
+        "--experiments",
+        dir_okay=False,
+        help="Also rewrite the controls answers of this page (experiments.md).",
+    ),
 ) -> None:
     """Every arm with its seeds pooled across committed sweep pages (no run folder needed): pooled.md/.csv/.png."""
     typer.echo(f"report: {write_pooled_report(configs, out, tuple(rounds))}")
+    if experiments is not None:
+        typer.echo(f"answers: {write_answers(configs, experiments, out / 'pooled.png', tuple(rounds))}")
 
 
 @app.command("diag-axis")

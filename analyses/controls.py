@@ -111,10 +111,10 @@ def state_cells(run: Run, stage: str) -> list[str]:
     generation = f"{_f(run.value(stage, 'generation_keep_rate'), 2)} / {_f(run.value(stage, 'generation_tail_ppl'), 1)}"
     adherence = f"{_f(run.value(stage, 'adherence'))} [{_f(run.value(stage, 'adherence_ci_low'))}, " \
                 f"{_f(run.value(stage, 'adherence_ci_high'))}]"  # fmt: skip
-    return [trait, _f(fluency(run, stage)), generation, adherence]
+    return [trait, _f(run.value(stage, "reply_trait")), _f(fluency(run, stage)), generation, adherence]
 
 
-STATE_HEADER = "trait [95% CI] | neutral fluency | own replies kept / tail ppl | adherence [95% CI]"
+STATE_HEADER = "trait [95% CI] | held-out trait | neutral fluency | own replies kept / tail ppl | adherence [95% CI]"
 
 
 def arm_gains(runs: dict[str, Run], anchors: dict[int, Run]) -> dict[tuple[str, int], dict | None]:
@@ -155,7 +155,7 @@ def two_by_two(runs: dict[str, Run], anchors: dict[int, Run], gains: dict[tuple[
         "each arm against the curve of its own seed.",
         "",
         f"| arm | source x target | round | {STATE_HEADER} | vs base steering curve |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
         for r in run.rounds():
@@ -192,7 +192,7 @@ def band(values: list[float], sign: str = "") -> str:
     return f"{mean:{sign}.3f}{spread}"
 
 
-GLANCE_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
+GLANCE_READOUTS = ("trait_log_odds", "reply_trait", "neutral_fluency", "adherence")
 
 
 def glance(runs: dict[str, Run], anchor: Run, gains: dict[tuple[str, int], dict | None]) -> list[str]:
@@ -209,8 +209,9 @@ def glance(runs: dict[str, Run], anchor: Run, gains: dict[tuple[str, int], dict 
         "target and seed: mean [min, max] over seeds (one seed: the value). *vs base curve* as in the table below; "
         "a round outside the curve's fluency range counts no gain.",
         "",
-        "| source x target | round | seeds | trait | neutral fluency | adherence | vs base steering curve |",
-        "|---|---|---|---|---|---|---|",
+        "| source x target | round | seeds | trait | held-out trait | neutral fluency | adherence | vs base steering "
+        "curve |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(cells, key=lambda cell: (cell[0] != "steer", cell[1] != "tokens"))
     for source, target in order:
@@ -356,7 +357,7 @@ def sample_efficiency(runs: dict[str, Run]) -> list[str]:
         "epochs, so fewer examples also means fewer steps.",
         "",
         f"| source x target | examples | arm | {STATE_HEADER} |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, n, name, run in rows:
         lines.append(f"| {kind} | {n} | `{name}` | {' | '.join(state_cells(run, 'healed 0'))} |")
@@ -451,7 +452,9 @@ def answers_the_question(runs: dict[str, Run], anchors: dict[int, Run]) -> list[
             f"- `{name}`: adherence {_f(run.value(first, 'adherence'))} -> {_f(run.value(last, 'adherence'))} "
             f"over rounds {rounds[0]}-{rounds[-1]} (base {_f(reference.value('base', 'adherence'))}, prompting "
             f"baseline {_f(reference.value('prompt-baseline', 'adherence'))}), trait "
-            f"{_f(run.value(first, 'trait_log_odds'))} -> {_f(run.value(last, 'trait_log_odds'))}."
+            f"{_f(run.value(first, 'trait_log_odds'))} -> {_f(run.value(last, 'trait_log_odds'))}, held-out trait "
+            f"{_f(run.value(first, 'reply_trait'))} -> {_f(run.value(last, 'reply_trait'))} (base "
+            f"{_f(reference.value('base', 'reply_trait'))})."
         )
     return [*lines, ""]
 
@@ -494,7 +497,9 @@ def write_controls_report(sweep_path: Path, out: Path, anchor: str) -> Path:
         "Readouts: trait = paired-response log-odds; neutral fluency = exp(base NLL - NLL) on fixed neutral "
         f"answers; own replies = the state's samples on {n_prompts} held-out prompts read by the base with the "
         "loop's filter (keep-rate, tail perplexity; `docs/pipeline.md`, generation coherence); adherence = "
-        "base-scored PMI of those replies with their prompts.",
+        "base-scored PMI of those replies with their prompts; held-out trait = the same replies read by the base "
+        "under the pos vs the neg persona (nats/token, > 0: likelier from the pos persona; `cli.py rescore` adds it "
+        "to runs evaluated before it existed; '-': not measured).",
         "",
         code_note(runs),
         "",

@@ -49,6 +49,10 @@ CONTROLS_POINTER = (
     "[`reports/controls/controls.md`](controls/controls.md) (`configs/controls.yaml`), with every arm's seeds pooled "
     "across the controls pages in [`reports/controls_pooled/pooled.md`](controls_pooled/pooled.md)."
 )
+# The controls' answers (Q4-Q6, Q11) come from other sweeps' committed pages: `cli.py pooled --experiments` writes
+# them between these markers (`analyses/answers`), and rewriting the rest of the page keeps what is there.
+CONTROLS_BEGIN = "<!-- controls answers: written by `cli.py pooled --experiments`; edits here are overwritten -->"
+CONTROLS_END = "<!-- end of the controls answers -->"
 TAIL_SHAPE = {"kl_p95_over_mean": "neutral KL p95 / mean", "kl_max_over_mean": "neutral KL max / mean"}
 
 
@@ -543,6 +547,14 @@ def reproduction_section(runs: dict[str, Run], earlier_csv: Path) -> list[str]:
     return [*lines, ""]
 
 
+def controls_block(page: Path) -> list[str]:
+    """The controls' answers the page has now (kept as they are), or the pointer to where they are written."""
+    text = page.read_text(encoding="utf-8") if page.is_file() else ""
+    if CONTROLS_BEGIN in text and CONTROLS_END in text:
+        return [CONTROLS_BEGIN + text.split(CONTROLS_BEGIN, 1)[1].split(CONTROLS_END, 1)[0] + CONTROLS_END]
+    return [CONTROLS_BEGIN, CONTROLS_POINTER, CONTROLS_END]
+
+
 def write_experiments_report(
     sweep_path: Path, out: Path, anchor: str = "rmse_base", compare_to: Path | None = None
 ) -> Path:
@@ -597,7 +609,7 @@ def write_experiments_report(
         *reference_answer(runs, anchor, ref_arms),
         "![Q3](q3_reference.png)",
         "",
-        CONTROLS_POINTER,
+        *controls_block(out / "experiments.md"),
         "",
         "## Every run, round by round",
         "",

@@ -5,9 +5,10 @@ A controls sweep commits `controls.csv` (every run x stage) and `gains.csv` (eve
 seed's base steering curve) under its `report_dir`; its sweep file gives every run's full config. This reads those
 files only, so it runs in seconds and needs no model. Runs are grouped by their config with the seed, the run
 length, the run folder and MFV on/off left out (none of these changes what an arm is), labelled by how they differ
-from the first page's anchor; per group and round: mean [min, max] over seeds of trait, neutral fluency, adherence,
-own-reply keep-rate and the gain over the base curve. A seed measured on two pages (a rerun) is read from the first
-page listing it, and the largest difference between the two measurements is reported: a reproduction check.
+from the first page's anchor; per group and round: mean [min, max] over seeds of trait, held-out trait (where the
+page has it), neutral fluency, adherence, own-reply keep-rate and the gain over the base curve. A seed measured on two
+pages (a rerun) is read from the first page listing it, and the largest difference between the two measurements is
+reported: a reproduction check.
 
 Writes `pooled.md`, `pooled.csv` (one row per group, round and readout) and `pooled.png/html`.
 """
@@ -36,8 +37,8 @@ from interp_heal.sweep import load_sweep, sweep_configs
 # dtype is kept: bfloat16 on a GPU and float32 on a CPU are different measurements.
 IGNORED_KEYS = ("seed", "output.", "loop.rounds", "eval.mfv", "eval.mfv_data", "model.device", "model.threads",
                 "heal.ref_cache_mb")  # fmt: skip
-READOUTS = {"trait": "trait_log_odds", "neutral fluency": "neutral_fluency", "adherence": "adherence",
-            "own replies kept": "generation_keep_rate"}  # fmt: skip
+READOUTS = {"trait": "trait_log_odds", "held-out trait": "reply_trait", "neutral fluency": "neutral_fluency",
+            "adherence": "adherence", "own replies kept": "generation_keep_rate"}  # fmt: skip
 REPEAT_READOUTS = ("trait_log_odds", "neutral_fluency", "adherence")
 ANCHOR_LABEL = "as the anchor"
 
@@ -192,7 +193,7 @@ def table(rows: list[PooledRow]) -> list[str]:
     names = [*READOUTS, GAIN]
     lines = [f"| arm | round | seeds | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names)]
     for row in rows:
-        cells = [band(row.finite(name), sign="+" if name == GAIN else "") for name in names]
+        cells = [band(row.finite(name), sign="+" if name == GAIN else "") + _coverage(row, name) for name in names]
         lines.append(f"| {row.arm} | {row.round} | {row.seeds_cell()} | {' | '.join(cells)} |")
     return lines
 
@@ -201,9 +202,18 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f}" if values else "-"
 
 
+def _coverage(row: PooledRow, name: str) -> str:
+    """Which seeds a cell averages when some of the row's seeds lack the readout (a readout added after them)."""
+    values = row.values.get(name, [math.nan] * len(row.seeds))
+    measured = [seed for seed, value in zip(row.seeds, values, strict=True) if not math.isnan(value)]
+    if not measured or len(measured) == len(row.seeds):
+        return ""
+    return f" (seed{'s' if len(measured) > 1 else ''} {', '.join(map(str, measured))})"
+
+
 def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
-    """The arms that reached the last of `rounds` in some seed, one line each: trait / neutral fluency / adherence
-    (seed means) and the gain over the base curve at each of those rounds."""
+    """The arms that reached the last of `rounds` in some seed, one line each: trait / held-out trait / neutral
+    fluency / adherence (seed means) and the gain over the base curve at each of those rounds."""
     arms = [arm for arm in dict.fromkeys(row.arm for row in rows)
             if any(row.arm == arm and row.round == str(max(rounds)) for row in rows)]  # fmt: skip
     header = " | ".join(f"round {r}" for r in rounds)
@@ -215,7 +225,10 @@ def at_a_glance(rows: list[PooledRow], rounds: tuple[int, ...]) -> list[str]:
             if row is None:
                 cells.append("-")
                 continue
-            readouts = " / ".join(_mean(row.finite(name)) for name in ("trait", "neutral fluency", "adherence"))
+            readouts = " / ".join(
+                _mean(row.finite(name)) + _coverage(row, name)
+                for name in ("trait", "held-out trait", "neutral fluency", "adherence")
+            )
             gain = band(row.finite(GAIN), sign="+")
             cells.append(f"{readouts}; {gain} (seeds {', '.join(map(str, row.seeds))})")
         lines.append(f"| {arm} | {' | '.join(cells)} |")
@@ -310,16 +323,25 @@ def pooled_figure(rows: list[PooledRow], references: list[PooledRow]) -> go.Figu
     return figure
 
 
-def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, ...] = (0, 2, 5)) -> Path:
+def pooled_from(sweep_paths: list[Path]) -> Pooled:
+    """Every arm's seeds from the committed pages of these sweep files (the first one's anchor names the arms)."""
     if not sweep_paths:
         raise DataError("pooled needs at least one sweep file (-c)")
     pages = [read_page(path) for path in sweep_paths]
-    first = load_sweep(sweep_paths[0])
-    reference = sweep_configs(sweep_paths[0])[first.anchor]
-    pooled = pool(pages, reference)
+    reference = sweep_configs(sweep_paths[0])[load_sweep(sweep_paths[0]).anchor]
+    return pool(pages, reference)
+
+
+def pooled_rows(pooled: Pooled) -> tuple[list[PooledRow], list[PooledRow]]:
+    """(every arm at every round, the base and prompting-baseline rows)."""
     groups = pooled.groups()
-    rows = [row for label, seeds in groups.items() for row in group_rows(label, seeds)]
-    references = reference_rows(groups)
+    return [row for label, seeds in groups.items() for row in group_rows(label, seeds)], reference_rows(groups)
+
+
+def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, ...] = (0, 2, 5)) -> Path:
+    pooled = pooled_from(sweep_paths)
+    first = load_sweep(sweep_paths[0])
+    rows, references = pooled_rows(pooled)
     rounds = tuple(sorted(rounds))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pooled.csv", pooled_csv([*rows, *references]))
@@ -338,8 +360,10 @@ def write_pooled_report(sweep_paths: list[Path], out: Path, rounds: tuple[int, .
         "",
         f"## At rounds {', '.join(map(str, rounds))}",
         "",
-        f"Each arm that reached round {rounds[-1]} in some seed; per round the seed means of trait / neutral fluency / "
-        "adherence, then the gain over the base curve: mean [min, max] over the seeds that recorded it.",
+        f"Each arm that reached round {rounds[-1]} in some seed; per round the seed means of trait / held-out trait / "
+        "neutral fluency / adherence (held-out trait: the state's own replies read by the base under the pos vs the "
+        "neg persona, nats/token; the seeds named where only some have it), then the gain over the base curve: mean "
+        "[min, max] over the seeds that recorded it.",
         "",
         *at_a_glance(rows, rounds),
         "",

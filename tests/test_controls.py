@@ -110,7 +110,8 @@ def test_each_arm_is_read_against_the_anchor_of_its_own_seed():
 
 def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out():
     def run(name: str, trait: float, *overrides: str) -> Run:
-        row = {"stage": "healed 0", "round": 0, "trait_log_odds": trait, "neutral_fluency": 0.9, "adherence": 0.5}
+        row = {"stage": "healed 0", "round": 0, "trait_log_odds": trait, "neutral_fluency": 0.9, "adherence": 0.5,
+               "reply_trait": trait / 4}  # fmt: skip
         return Run(name, load_config(SMOKE, list(overrides)), [row], [], [])
 
     runs = {"steer": run("steer", 0.8), "steer_seed9": run("steer_seed9", 1.0, "seed=9", "loop.rounds=1"),
@@ -123,9 +124,9 @@ def test_the_glance_pools_each_cells_seeds_and_leaves_other_arms_out():
     lines = glance(runs, runs["steer"], gains)
     rows = [line for line in lines if line.startswith("| steer x") or line.startswith("| prompt x")]
     assert rows == [
-        "| steer x tokens | 0 | 2 | 0.900 [0.800, 1.000] | 0.900 [0.900, 0.900] | 0.500 [0.500, 0.500] | "
-        "+0.200 [+0.100, +0.300] |",
-        "| prompt x logits | 0 | 1 | 0.600 | 0.900 | 0.500 | -0.200 |",
+        "| steer x tokens | 0 | 2 | 0.900 [0.800, 1.000] | 0.225 [0.200, 0.250] | 0.900 [0.900, 0.900] | "
+        "0.500 [0.500, 0.500] | +0.200 [+0.100, +0.300] |",
+        "| prompt x logits | 0 | 1 | 0.600 | 0.150 | 0.900 | 0.500 | -0.200 |",
     ], "the filter variant and the 10-example arm are not cells of the 2 x 2"
 
 

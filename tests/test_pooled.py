@@ -16,12 +16,22 @@ from interp_heal.errors import DataError
 from interp_heal.sweep import load_sweep, sweep_configs
 
 SMOKE = Path("configs/smoke.yaml").resolve()
-FIELDS = ["run", "stage", "round", "trait_log_odds", "neutral_fluency", "adherence", "generation_keep_rate"]
+FIELDS = [
+    "run",
+    "stage",
+    "round",
+    "trait_log_odds",
+    "neutral_fluency",
+    "adherence",
+    "generation_keep_rate",
+    "reply_trait",
+]
 
 
 def _page(tmp_path: Path, name: str, runs: dict[str, list[str]], rows: list[list], gains: list[list] = ()) -> Path:
     """A sweep file over the smoke preset and its committed page: controls.csv rows (run, stage, round, trait,
-    fluency, adherence, keep-rate) and, when given, gains.csv rows (run, round, gain)."""
+    fluency, adherence, keep-rate and, in rows that have it, the held-out trait) and, when given, gains.csv rows
+    (run, round, gain)."""
     report = tmp_path / name
     report.mkdir()
     sweep = tmp_path / f"{name}.yaml"
@@ -43,7 +53,7 @@ def _pages(tmp_path: Path) -> tuple[Path, Path]:
     first = _page(
         tmp_path, "first", {"steer": [], "steer_seed1": ["seed=1"], "prompt": ["loop.source=prompt"]},
         [["steer", "base", "", 0.5, 1.0, 0.8, 0.9], ["steer", "prompt-baseline", "", 0.7, 1.0, 0.7, 0.9],
-         ["steer", "healed 0", 0, 0.8, 0.9, 0.6, 0.95], ["steer_seed1", "base", "", 0.6, 1.0, 0.9, 0.9],
+         ["steer", "healed 0", 0, 0.8, 0.9, 0.6, 0.95, 0.3], ["steer_seed1", "base", "", 0.6, 1.0, 0.9, 0.9],
          ["steer_seed1", "healed 0", 0, 1.0, 0.8, 0.4, 0.9], ["steer_seed1", "healed 1", 1, 1.1, 0.7, 0.3, 0.9],
          ["prompt", "healed 0", 0, 0.6, 0.95, 0.7, 1.0]],
         gains=[["steer", 0, 0.1], ["steer_seed1", 0, 0.3], ["prompt", 0, -0.2]],
@@ -67,13 +77,15 @@ def test_seeds_from_two_pages_pool_per_round_and_a_repeat_is_measured_once(tmp_p
     first, second = _pages(tmp_path)
     report = write_pooled_report([first, second], tmp_path / "pooled", rounds=(0, 1)).read_text()
     # Round 0 of the anchor config: seeds 0, 1 (first page) and 2 (second); the second page's seed 1 is a repeat.
-    assert f"| {ANCHOR_LABEL} | 0 | 3 (0, 1, 2) | 0.900 [0.800, 1.000] | 0.850 [0.800, 0.900] | " in report
-    assert f"| {ANCHOR_LABEL} | 1 | 1 (1) | 1.100 | 0.700 | 0.300 | 0.900 | - |" in report
-    assert "| loop.source=prompt | 0 | 1 (0) | 0.600 | 0.950 | 0.700 | 1.000 | -0.200 |" in report
+    # Only seed 0 has the held-out trait (a readout the other pages predate): the cell names it.
+    assert f"| {ANCHOR_LABEL} | 0 | 3 (0, 1, 2) | 0.900 [0.800, 1.000] | 0.300 (seed 0) | 0.850 [0.800, 0.900] | " \
+        in report  # fmt: skip
+    assert f"| {ANCHOR_LABEL} | 1 | 1 (1) | 1.100 | - | 0.700 | 0.300 | 0.900 | - |" in report
+    assert "| loop.source=prompt | 0 | 1 (0) | 0.600 | - | 0.950 | 0.700 | 1.000 | -0.200 |" in report
     assert "| base | - | 2 (0, 1) | 0.550 [0.500, 0.600] |" in report
     glance = report.split("## At rounds 0, 1")[1].split("## Every arm")[0]
-    assert f"| {ANCHOR_LABEL} | 0.900 / 0.850 / 0.500; +0.200 [+0.100, +0.300] (seeds 0, 1, 2) | " \
-           "1.100 / 0.700 / 0.300; - (seeds 1) |" in glance  # fmt: skip
+    assert f"| {ANCHOR_LABEL} | 0.900 / 0.300 (seed 0) / 0.850 / 0.500; +0.200 [+0.100, +0.300] (seeds 0, 1, 2) | " \
+           "1.100 / - / 0.700 / 0.300; - (seeds 1) |" in glance  # fmt: skip
     assert "loop.source=prompt" not in glance, "an arm that never reached the last round is left out"
     assert f"- loop.source=prompt: seed 0 `prompt` of `{tmp_path / 'first'}`" in report
     assert "largest |difference| trait_log_odds 0.0100, neutral_fluency 0.0000, adherence 0.0000" in report

@@ -10,7 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from analyses.answers import splice
 from analyses.experiments import (
+    CONTROLS_BEGIN,
+    CONTROLS_END,
     ROUND_COLUMNS,
     Band,
     Run,
@@ -104,9 +107,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert "adapter write share on v_r" in report
     earlier = tmp_path / "earlier.csv"
     earlier.write_text((tmp_path / "report" / "experiments.csv").read_text())
+    splice(tmp_path / "report" / "experiments.md", [CONTROLS_BEGIN, "pooled controls answers", CONTROLS_END])
     result = runner.invoke(app, ["sweep", "-c", str(path), "--report-only", "--compare-to", str(earlier)])
     assert result.exit_code == 0, result.output
-    assert "| 0 | 3 | 0 (`rmse_base`) | 0 (`rmse_base`) |" in (tmp_path / "report" / "experiments.md").read_text()
+    report = (tmp_path / "report" / "experiments.md").read_text()
+    assert "| 0 | 3 | 0 (`rmse_base`) | 0 (`rmse_base`) |" in report
+    assert f"{CONTROLS_BEGIN}\npooled controls answers\n{CONTROLS_END}" in report, "a rewrite keeps the answers"
 
 
 def test_a_run_selected_with_only_copies_stages_from_the_sweeps_runs_already_on_disk(tmp_path):
