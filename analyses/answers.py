@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from analyses.controls import band
@@ -27,8 +28,14 @@ SOURCE, TARGET, EXAMPLES = "loop.source=prompt", "heal.target=logits", "heal.max
 
 
 def parts(arm: str) -> set[str]:
-    """The config changes an arm's label names (the anchor: none)."""
-    return set() if arm == ANCHOR_LABEL else set(arm.split(", "))
+    """The config changes an arm's label names (the anchor: none). Split only before a `key=`, since a list
+    value (`filter.dose_ignores=['a', 'b']`) has commas of its own."""
+    return set() if arm == ANCHOR_LABEL else set(re.split(r", (?=[\w.]+=)", arm))
+
+
+def join(names: set[str]) -> str:
+    """The label of an arm with these changes, ordered by key as `pooled.arm_label` orders them."""
+    return ", ".join(sorted(names, key=lambda name: name.split("=", 1)[0])) or ANCHOR_LABEL
 
 
 def cell(arm: str) -> str:
@@ -43,6 +50,7 @@ def variant(arm: str) -> set[str]:
 
 
 def examples(arm: str) -> int | None:
+    """The kept-completion subset an arm trains on (`heal.max_examples`), None for all of them."""
     found = [int(name.removeprefix(EXAMPLES)) for name in parts(arm) if name.startswith(EXAMPLES)]
     return found[0] if found else None
 
@@ -76,7 +84,7 @@ class Arms:
             names.add(SOURCE)
         if change.get("target", "logits" if TARGET in parts(arm) else "tokens") == "logits":
             names.add(TARGET)
-        label = ", ".join(sorted(names)) if names else ANCHOR_LABEL
+        label = join(names)
         return label if label in self.names else None
 
 
@@ -109,29 +117,33 @@ def direction_lines(arms: Arms, names: list[str], what: str) -> list[str]:
     for arm in names:
         by_verdict: dict[str, list[int]] = {}
         for r in arms.rounds(arm):
-            verdict = sign_verdict(list(arms.seeds(arm, r, GAIN).values())).split(" (")[0]
-            by_verdict.setdefault(verdict, []).append(r)
-        said = "; ".join(f"{verdict} in rounds {', '.join(map(str, rs))}" for verdict, rs in by_verdict.items())
+            by_verdict.setdefault(sign_verdict(list(arms.seeds(arm, r, GAIN).values())), []).append(r)
+        said = "; ".join(f"{verdict} in {_rounds(rs)}" for verdict, rs in by_verdict.items())
         lines.append(f"- `{arm}` against {what}: {said}.")
     return lines
 
 
+def _rounds(rounds: list[int]) -> str:
+    return f"round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}"
+
+
 def steering_less(arms: Arms) -> list[str]:
-    steered = [a for a in arms.names if "steer" in cell(a) and examples(a) is None and arms.seeds(a, 0, GAIN)]
+    steered = [a for a in arms.names if SOURCE not in parts(a) and examples(a) is None and arms.seeds(a, 0, GAIN)]
     return [
         heading("steering_less"),
         "",
-        "Each healed student's trait minus its own seed's base steering curve (the round-0 vector on the base at >= 7 "
-        "doses) at the student's neutral fluency: mean [min, max] over seeds (n = seeds). > 0: more trait than any "
-        "dose of the plain vector gives at that fluency. 'above' / 'below' = every seed agrees; 'mixed' = they do "
-        "not (within the seed noise).",
+        "Each healed student's trait minus its own seed's base steering curve (the round-0 vector on the base at a "
+        "ladder of doses) at the student's neutral fluency: mean [min, max] over seeds (n = seeds). > 0: more trait "
+        "than any dose of the plain vector gives at that fluency. 'above' / 'below' = every seed agrees; 'mixed' = "
+        "they do not (within the seed noise).",
         "",
         *gain_table(arms, steered),
         "",
         *direction_lines(arms, steered, "the base steering curve"),
         "",
-        "Against each round's own frontier (the student that round started from, steered with that round's vector) "
-        "the gain is on the controls pages (seed 0: `reports/controls_seed0/`); it is measured for the tokens arm.",
+        "This is the base curve only. Whether a later round adds more than steering *that round's* student less "
+        "would is the own-round frontier (the student the round started from, steered with the round's vector), on "
+        "each seed's controls page where it was measured; it is not pooled here.",
         "",
     ]
 
@@ -148,7 +160,7 @@ def paired_table(arms: Arms, pairs: list[tuple[str, str]], names: tuple[str, ...
 
 
 def steering_needed(arms: Arms) -> list[str]:
-    prompted = [a for a in arms.names if "prompt" in cell(a) and examples(a) is None and not variant(a)]
+    prompted = [a for a in arms.names if SOURCE in parts(a) and examples(a) is None and not variant(a)]
     pairs = [(twin, a) for a in prompted if (twin := arms.twin(a, source="steer"))]
     rounds = sorted({r for a, _ in pairs for r in arms.rounds(a)})
     return [
@@ -208,7 +220,8 @@ def sample_efficiency(arms: Arms) -> list[str]:
     full = {cell(a): a for a in two_by_two_cells(arms)}
     lines = [
         "Sample efficiency: the healed student's trait after round 0 trained on a seeded subset of the round's kept "
-        "completions (same epochs, so fewer steps), mean [min, max] over seeds:",
+        "completions (same epochs, so fewer steps): mean [min, max] over the seeds named, then the difference from "
+        "the same seeds' student trained on every kept completion:",
         "",
         f"| arm | {' | '.join(f'{n} examples' for n in subsets)} | all kept |",
         "|---|" + "---|" * (len(subsets) + 1),
@@ -216,12 +229,22 @@ def sample_efficiency(arms: Arms) -> list[str]:
     for kind, arm in full.items():
         cells = []
         for n in subsets:
-            subset = next(
-                (a for a in arms.names if examples(a) == n and cell(a) == kind and len(variant(a)) == 1), None
-            )
-            cells.append(_band(list(arms.seeds(subset, 0, "trait").values()), sign="") if subset else "-")
-        lines.append(f"| {kind} | {' | '.join(cells)} | {_band(list(arms.seeds(arm, 0, 'trait').values()), '')} |")
+            subset = next((a for a in arms.names if examples(a) == n and cell(a) == kind and len(variant(a)) == 1), "")
+            cells.append(_subset_cell(arms, subset, arm) if subset else "-")
+        everything = arms.seeds(arm, 0, "trait")
+        lines.append(f"| {kind} | {' | '.join(cells)} | {band(list(everything.values()))} {_seed_list(everything)} |")
     return lines
+
+
+def _subset_cell(arms: Arms, subset: str, full: str) -> str:
+    values = arms.seeds(subset, 0, "trait")
+    return (
+        f"{band(list(values.values()))}, {band(arms.paired(subset, full, 0, 'trait'), sign='+')} {_seed_list(values)}"
+    )
+
+
+def _seed_list(values: dict[int, float]) -> str:
+    return f"(seed{'s' if len(values) > 1 else ''} {', '.join(map(str, sorted(values)))})"
 
 
 def samples_or_distributions(arms: Arms, rounds: tuple[int, ...]) -> list[str]:
@@ -232,10 +255,10 @@ def samples_or_distributions(arms: Arms, rounds: tuple[int, ...]) -> list[str]:
         heading("samples_or_distributions"),
         "",
         "The 2 x 2: teacher (steered or persona-prompted) x objective (NLL on the teacher's sampled tokens, or "
-        "cross-entropy from its top-20 distribution at every position), the same kept completions, steps and barrier. "
-        "Mean [min, max] over seeds; held-out trait = the state's own replies to held-out prompts read by the base "
-        "under the pos vs the neg persona (nats/token; measured where the run folders were still there, n says how "
-        "many seeds).",
+        "cross-entropy from its top-K distribution at every position, `heal.teacher_topk`); one teacher's two "
+        "objectives train on the same kept completions, with the same steps and barrier. Mean [min, max] over seeds "
+        "(n = seeds); held-out trait = the state's own replies to held-out prompts read by the base under the pos vs "
+        "the neg persona (nats/token; n = the seeds whose pages have it, '-' = none).",
         "",
         *glance_table(arms, cells, rounds, ("trait", "held-out trait", "neutral fluency", "adherence", GAIN)),
         "",
@@ -258,8 +281,8 @@ def adherence(arms: Arms, references: list[PooledRow], rounds: tuple[int, ...]) 
         heading("adherence"),
         "",
         "Task adherence: the base-scored PMI of the state's own replies with their held-out prompts (nats/token; 0 = "
-        "the replies ignore their prompts), beside the trait on the readout and on those same replies. Seed means "
-        "(n: seeds).",
+        "the replies ignore their prompts), beside the trait on the readout and the held-out trait of those same "
+        "replies. Seed means (n: seeds that have the readout; '-': none).",
         "",
         f"| arm | {header} |",
         "|---|" + "---|" * (len(readouts) * len(rounds)),
@@ -274,14 +297,14 @@ def adherence(arms: Arms, references: list[PooledRow], rounds: tuple[int, ...]) 
     lines.append("")
     for arm in names:
         filters = {name for name in variant(arm) if name.startswith("filter.")}
-        unfiltered = ", ".join(sorted(parts(arm) - filters)) or ANCHOR_LABEL
+        unfiltered = join(parts(arm) - filters)
         if not filters or unfiltered not in arms.names:
             continue
-        twin = unfiltered
-        diffs = {name: _band(arms.paired(arm, twin, max(rounds), name)) for name in ("adherence", "trait", GAIN)}
+        diffs = {name: _band(arms.paired(arm, unfiltered, max(rounds), name)) for name in ("adherence", "trait", GAIN)}
         lines.append(
-            f"- `{arm}` minus the same arm without it, same seeds, round {max(rounds)}: adherence "
-            f"{diffs['adherence']}, trait {diffs['trait']}, gain over the base curve {diffs[GAIN]}."
+            f"- `{arm}` minus `{unfiltered}` (the same arm without {', '.join(sorted(filters))}), same seeds, round "
+            f"{max(rounds)}: adherence {diffs['adherence']}, trait {diffs['trait']}, gain over the base curve "
+            f"{diffs[GAIN]}."
         )
     return [*lines, ""]
 
@@ -295,6 +318,11 @@ def answers(rows: list[PooledRow], references: list[PooledRow], figure: str, rou
     arms = Arms(rows)
     return [
         BEGIN,
+        "The controls sweeps' answers, every arm's seeds pooled across their committed pages: "
+        "[`controls_pooled/pooled.md`](controls_pooled/pooled.md) has every round of every arm, and each seed's "
+        "page (`controls*/controls.md`, linked from there) the intervals over readout items and the own-round "
+        "frontiers.",
+        "",
         *steering_less(arms),
         *steering_needed(arms),
         *samples_or_distributions(arms, rounds),
@@ -319,6 +347,7 @@ def write_answers(sweep_paths: list[Path], page: Path, figure: Path, rounds: tup
     """Rewrite the controls block of `page` from the committed pages of `sweep_paths`; `figure`: the pooled
     figure, linked relative to the page."""
     rows, references = pooled_rows(pooled_from(sweep_paths))
+    rounds = tuple(sorted(rounds))
     link = Path(os.path.relpath(figure.resolve(), page.resolve().parent)).as_posix()
     splice(page, answers(rows, references, link, rounds))
     return page

@@ -452,11 +452,18 @@ def answers_the_question(runs: dict[str, Run], anchors: dict[int, Run]) -> list[
             f"- `{name}`: adherence {_f(run.value(first, 'adherence'))} -> {_f(run.value(last, 'adherence'))} "
             f"over rounds {rounds[0]}-{rounds[-1]} (base {_f(reference.value('base', 'adherence'))}, prompting "
             f"baseline {_f(reference.value('prompt-baseline', 'adherence'))}), trait "
-            f"{_f(run.value(first, 'trait_log_odds'))} -> {_f(run.value(last, 'trait_log_odds'))}, held-out trait "
-            f"{_f(run.value(first, 'reply_trait'))} -> {_f(run.value(last, 'reply_trait'))} (base "
-            f"{_f(reference.value('base', 'reply_trait'))})."
+            f"{_f(run.value(first, 'trait_log_odds'))} -> {_f(run.value(last, 'trait_log_odds'))}"
+            f"{_held_out_clause(run, reference, first, last)}."
         )
     return [*lines, ""]
+
+
+def _held_out_clause(run: Run, reference: Run, first: str, last: str) -> str:
+    """', held-out trait a -> b (base c)' where the run has that readout (runs before it: nothing)."""
+    if math.isnan(run.value(last, "reply_trait")):
+        return ""
+    return (f", held-out trait {_f(run.value(first, 'reply_trait'))} -> {_f(run.value(last, 'reply_trait'))} "
+            f"(base {_f(reference.value('base', 'reply_trait'))})")  # fmt: skip
 
 
 def stopped_runs(runs: dict[str, Run]) -> list[str]:

@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from interp_heal.config import Config
-from interp_heal.io import read_json, write_json
+from interp_heal.io import read_json
 from interp_heal.models import load_configured_model
 from interp_heal.personas import persona_pair
-from interp_heal.reply_trait import sidecar_path, stored_replies, stored_reply_trait
+from interp_heal.reply_trait import sidecar_path, stored_replies, stored_reply_trait, write_sidecar
 from interp_heal.report import write_report
 from interp_heal.run_folder import RunFolder, read_run, round_dirs
 
@@ -60,4 +60,4 @@ def _score(root: Path, config: Config, todo: list[Path]) -> None:
             block = stored_reply_trait(
                 model, tokenizer, read_json(path), pair, config.eval.n_bootstrap, config.eval.batch_size
             )
-            write_json(sidecar_path(path), block)
+            write_sidecar(path, block)

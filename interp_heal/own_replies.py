@@ -93,11 +93,10 @@ def own_reply_readouts(
     replies = held_out_replies(model, tokenizer, config, steering, persona)
     own_nlls = base_token_nlls(model, tokenizer, replies, config.eval.batch_size)
     prompts, texts = [reply.prompt for reply in replies], [reply.completion for reply in replies]
-    eval_config = config.eval
     return {
         "adherence": task_adherence(model, tokenizer, config, steering, persona, replies, own_nlls),
         "reply_trait": reply_trait(
-            model, tokenizer, prompts, texts, pair, eval_config.n_bootstrap, eval_config.batch_size
+            model, tokenizer, prompts, texts, pair, config.eval.n_bootstrap, config.eval.batch_size
         ),
         "generation": generation_coherence(model, tokenizer, replies, pair, config, own_nlls),
     }

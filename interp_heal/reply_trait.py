@@ -12,7 +12,7 @@ after its prompt twice, once with each persona of the pair in the chat (the way 
 in nats/token: > 0 when the replies are likelier from the pos persona than from the neg one. One fixed reader
 for every state, so the number moves only when the replies do. A reply is read from its text (re-tokenised,
 without an end-of-turn token), so a reply stored in an eval JSON scores exactly as it did when it was sampled
-(`rescore_eval`). The CI resamples prompts.
+(`stored_reply_trait`, `cli.py rescore`). The CI resamples prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from interp_heal.errors import DataError
 from interp_heal.evaluate import bootstrap_ci
 from interp_heal.filter import base_token_nlls
 from interp_heal.generate import Completion
-from interp_heal.io import read_json
+from interp_heal.io import read_json, sha256_file, write_json
 from interp_heal.personas import PersonaPair
 
 COLUMNS = ("reply_trait", "reply_trait_ci_low", "reply_trait_ci_high")
@@ -39,7 +39,7 @@ def text_replies(tokenizer: PreTrainedTokenizerBase, prompts: list[str], texts: 
     are placeholders: the readout reads only the prompt and the tokens)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [
-        Completion(prompt, text, 0.0, list(tokens), "text", 0)
+        Completion(prompt=prompt, completion=text, coeff=0.0, token_ids=list(tokens), finish_reason="text", seed=0)
         for prompt, text, tokens in zip(prompts, texts, ids, strict=True)
     ]
 
@@ -107,7 +107,8 @@ def reply_trait_columns(result: dict) -> dict[str, object]:
 
 
 # A run folder's eval JSONs are recorded by sha256 (`run_folder`), so the readout of an eval written before it
-# existed goes beside it, never into it; `metrics.csv` reads it from there.
+# existed goes beside it, never into it; `metrics.csv` reads it from there. The sidecar records the sha256 of the
+# eval whose replies it read, so a sidecar left beside a different eval (a stage redone) is never merged into it.
 SIDECAR_SUFFIX = ".reply_trait.json"
 
 
@@ -115,9 +116,19 @@ def sidecar_path(eval_path: Path) -> Path:
     return eval_path.with_name(eval_path.stem + SIDECAR_SUFFIX)
 
 
+def write_sidecar(eval_path: Path, block: dict[str, object]) -> Path:
+    path = sidecar_path(eval_path)
+    write_json(path, {**block, "eval_sha256": sha256_file(eval_path)})
+    return path
+
+
 def with_sidecar(result: dict, eval_path: Path) -> dict:
-    """An eval's result with the readout from its sidecar when the eval has none of its own."""
+    """An eval's result with the readout from its sidecar when the eval has none of its own; a sidecar written
+    for another version of the eval is an error naming the command that rewrites it."""
     sidecar = sidecar_path(eval_path)
     if "reply_trait" in result or not sidecar.is_file():
         return result
-    return result | {"reply_trait": read_json(sidecar, "held-out trait readout")}
+    block = read_json(sidecar, "held-out trait readout")
+    if block.pop("eval_sha256", None) != sha256_file(eval_path):
+        raise DataError(f"{sidecar}: read from another version of {eval_path.name} (delete it, rerun `cli.py rescore`)")
+    return result | {"reply_trait": block}

@@ -7,7 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from analyses.answers import Arms, answers, cell, examples, sign_verdict, splice, variant, winner_lines, write_answers
+from analyses.answers import (
+    Arms,
+    answers,
+    cell,
+    examples,
+    join,
+    parts,
+    sample_efficiency,
+    sign_verdict,
+    splice,
+    steering_needed,
+    variant,
+    winner_lines,
+    write_answers,
+)
 from analyses.experiments import CONTROLS_BEGIN, CONTROLS_END, controls_block
 from analyses.pooled import ANCHOR_LABEL, GAIN, PooledRow
 from interp_heal.errors import DataError
@@ -24,6 +38,7 @@ ROWS = [
     _row("loop.source=prompt", 0, (0, 1, 2), trait=[0.8, 0.9, 0.7], gain=[-0.1, 0.05, -0.02], adherence=[0.7] * 3),
     _row("filter.min_adherence=0.45", 0, (1, 2), trait=[1.0, 0.8], gain=[-0.1, -0.2], adherence=[0.9, 0.8]),
     _row("heal.max_examples=10", 0, (0, 1), trait=[0.7, 0.8]),
+    _row("filter.dose_ignores=['off_prompt', 'refusal'], filter.min_adherence=0.45", 0, (1,), trait=[1.0]),
 ]
 
 
@@ -32,6 +47,9 @@ def test_an_arm_is_read_from_its_label():
     assert cell("heal.target=logits, loop.source=prompt") == "prompt x logits"
     assert variant("filter.min_adherence=0.45, heal.target=logits") == {"filter.min_adherence=0.45"}
     assert examples("heal.max_examples=20, loop.source=prompt") == 20 and examples(ANCHOR_LABEL) is None
+    listed = "filter.dose_ignores=['off_prompt', 'refusal'], filter.min_adherence=0.45"
+    assert parts(listed) == {"filter.dose_ignores=['off_prompt', 'refusal']", "filter.min_adherence=0.45"}
+    assert join(parts(listed)) == listed
     arms = Arms(ROWS)
     assert arms.twin("heal.target=logits", target="tokens") == ANCHOR_LABEL
     assert arms.twin("loop.source=prompt", source="steer") == ANCHOR_LABEL
@@ -43,6 +61,20 @@ def test_differences_pair_seeds_and_skip_the_unmeasured():
     assert arms.paired("filter.min_adherence=0.45", ANCHOR_LABEL, 0, "adherence") == pytest.approx([0.3, 0.4])
     assert arms.seeds("heal.max_examples=10", 0, GAIN) == {}
     assert arms.seeds("no such arm", 0, "trait") == {}
+
+
+def test_steered_minus_prompted_pairs_each_seed_with_its_own():
+    lines = steering_needed(Arms(ROWS))
+    [trait] = [line for line in lines if line.startswith("| steer x tokens - prompt x tokens | trait |")]
+    assert "+0.200 [+0.200, +0.200] (n=3)" in trait  # 1.0-0.8, 1.1-0.9, 0.9-0.7
+    assert "- `loop.source=prompt` against the base steering curve: mixed (3 seeds) in round 0." in lines
+
+
+def test_sample_efficiency_names_its_seeds_and_compares_them_with_the_same_seeds_full_run():
+    [row] = [line for line in sample_efficiency(Arms(ROWS)) if line.startswith("| steer x tokens")]
+    # seeds 0 and 1 trained on 10 examples: 0.7, 0.8 against 1.0, 1.1 on every kept completion
+    assert "0.750 [0.700, 0.800], -0.300 [-0.300, -0.300] (seeds 0, 1)" in row
+    assert row.endswith("| 1.000 [0.900, 1.100] (seeds 0, 1, 2) |")
 
 
 def test_a_direction_needs_every_seed():

@@ -12,7 +12,7 @@ from analyses.rescore import eval_paths, pending, rescore_run
 from interp_heal.errors import DataError
 from interp_heal.models import build_tiny_llama
 from interp_heal.personas import PersonaPair, render_prompts
-from interp_heal.reply_trait import reply_trait, sidecar_path, stored_reply_trait
+from interp_heal.reply_trait import reply_trait, sidecar_path, stored_reply_trait, with_sidecar, write_sidecar
 from interp_heal.run_folder import RunFolder, read_run
 from interp_heal.sequences import continuation_logprobs, pad_left
 
@@ -50,10 +50,14 @@ def test_replies_of_the_pos_persona_read_positive_and_of_the_neg_one_negative(pe
     assert mixed["per_reply"] == pytest.approx([warm["per_reply"][0], cold["per_reply"][1]], abs=1e-5)
 
 
-def test_one_persona_on_both_sides_reads_zero(tiny_model, tokenizer):
-    same = PersonaPair("love", pos=PAIR.pos, neg=PAIR.pos)
-    result = reply_trait(tiny_model, tokenizer, PROMPTS, [WARM, COLD], same, n_bootstrap=50, batch_size=4)
-    assert result["per_reply"] == [0.0, 0.0] and result["log_ratio"] == 0.0
+def test_a_sidecar_is_merged_only_into_the_eval_it_read(tmp_path):
+    eval_path = tmp_path / "eval_healed.json"
+    eval_path.write_text(json.dumps({"trait": {"log_odds": 1.0}}))
+    write_sidecar(eval_path, {"log_ratio": 0.25, "ci95": [0.1, 0.4]})
+    assert with_sidecar(json.loads(eval_path.read_text()), eval_path)["reply_trait"]["log_ratio"] == 0.25
+    eval_path.write_text(json.dumps({"trait": {"log_odds": 2.0}}))  # the stage redone: other replies
+    with pytest.raises(DataError, match=r"another version of eval_healed\.json"):
+        with_sidecar(json.loads(eval_path.read_text()), eval_path)
 
 
 def test_an_eval_without_stored_replies_is_a_clear_error(tiny_model, tokenizer):
