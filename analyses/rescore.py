@@ -19,7 +19,7 @@ from interp_heal.io import read_json
 from interp_heal.models import load_configured_model
 from interp_heal.personas import persona_pair
 from interp_heal.reply_trait import sidecar_path, stored_replies, stored_reply_trait, write_sidecar
-from interp_heal.report import write_report
+from interp_heal.report import write_metrics, write_report
 from interp_heal.run_folder import RunFolder, read_run, round_dirs
 
 
@@ -48,6 +48,7 @@ def rescore_run(root: Path) -> list[Path]:
     with folder.locked():  # a loop writing this folder at the same time would race the report
         todo = pending(root)
         _score(root, config, todo)
+        write_metrics(root, config)
         write_report(root, config, folder.stage_seconds())
     return [sidecar_path(path) for path in todo]
 
