@@ -300,11 +300,12 @@ def adherence(arms: Arms, references: list[PooledRow], rounds: tuple[int, ...]) 
         unfiltered = join(parts(arm) - filters)
         if not filters or unfiltered not in arms.names:
             continue
-        diffs = {name: _band(arms.paired(arm, unfiltered, max(rounds), name)) for name in ("adherence", "trait", GAIN)}
+        names = ("adherence", "trait", "held-out trait", GAIN)
+        diffs = {name: _band(arms.paired(arm, unfiltered, max(rounds), name)) for name in names}
         lines.append(
             f"- `{arm}` minus `{unfiltered}` (the same arm without {', '.join(sorted(filters))}), same seeds, round "
-            f"{max(rounds)}: adherence {diffs['adherence']}, trait {diffs['trait']}, gain over the base curve "
-            f"{diffs[GAIN]}."
+            f"{max(rounds)}: adherence {diffs['adherence']}, trait {diffs['trait']}, held-out trait "
+            f"{diffs['held-out trait']}, gain over the base curve {diffs[GAIN]}."
         )
     return [*lines, ""]
 
