@@ -115,11 +115,14 @@ def ignored(key: str) -> bool:
 
 def merged(runs: list[PageRun]) -> PageRun:
     """One seed of one arm from every page that ran it: each stage from the first page that has it, so a rerun that
-    went further adds its later rounds (`repeat_lines` shows how far the shared stages agree)."""
+    went further adds its later rounds (`repeat_lines` shows how far the shared stages agree), and a readout that
+    page lacks (one added after it was written) from the first later page that has it."""
     rows: dict[str, dict[str, str]] = {}
     gains: dict[int, dict[str, str]] = {}
     for run in runs:
-        rows = {**run.rows, **rows}
+        for stage, row in run.rows.items():
+            known = rows.setdefault(stage, dict(row))
+            known.update({key: value for key, value in row.items() if value and not known.get(key)})
         gains = {**run.gains, **gains}
     return PageRun(runs[0].page, runs[0].name, runs[0].config, rows, gains)
 

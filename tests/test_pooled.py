@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analyses.pooled import ANCHOR_LABEL, arm_label, read_page, write_pooled_report
+from analyses.pooled import ANCHOR_LABEL, PageRun, arm_label, merged, read_page, write_pooled_report
 from cli import app
 from interp_heal.config import load_config
 from interp_heal.errors import DataError
@@ -95,6 +95,17 @@ def test_seeds_from_two_pages_pool_per_round_and_a_repeat_is_measured_once(tmp_p
     # seed 2's page has no gains.csv: the gain pools the two seeds that have one
     assert (float(gain["mean"]), int(gain["n"])) == (pytest.approx(0.2), 2)
     assert (tmp_path / "pooled" / "pooled.html").is_file()
+
+
+def test_a_readout_a_page_lacks_comes_from_a_later_page_of_the_same_seed():
+    config = load_config(SMOKE)
+    old = PageRun(Path("old"), "steer", config, {"healed 0": {"trait_log_odds": "0.9", "reply_trait": ""}})
+    rows = {"healed 0": {"trait_log_odds": "0.8", "reply_trait": "0.1"},
+            "healed 1": {"trait_log_odds": "1.0", "reply_trait": "0.2"}}  # fmt: skip
+    new = PageRun(Path("new"), "steer", config, rows)
+    both = merged([old, new])
+    assert both.rows["healed 0"] == {"trait_log_odds": "0.9", "reply_trait": "0.1"}  # the first page's trait kept
+    assert both.rows["healed 1"]["reply_trait"] == "0.2" and old.rows["healed 0"]["reply_trait"] == ""
 
 
 def test_a_rerun_that_went_further_adds_its_later_rounds(tmp_path):
