@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from interp_heal.architecture import decoder_layers
+from interp_heal.sequences import continuation_logprobs, pad_left
 
 
 @contextmanager
@@ -57,3 +58,18 @@ def load_in_chromium(page: Path, screenshot: Path) -> tuple[list[str], str]:
     console = [line for run in runs for line in run.stderr.splitlines() if ":CONSOLE" in line]
     errors = [line for line in console if "Uncaught" in line or "Error" in line]
     return errors, runs[1].stdout
+
+
+def teach(
+    model: nn.Module, tokenizer, prompts: list[list[int]], replies: list[list[int]], steps: int = 60
+) -> nn.Module:
+    """Train a tiny model a few full-parameter steps to write `replies[i]` after the chat prompt `prompts[i]`
+    (token ids), so a readout has something real to find; returned in eval mode."""
+    batch = pad_left(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = -torch.cat(continuation_logprobs(model(**batch.model_inputs()).logits, batch)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()

@@ -20,7 +20,7 @@ from interp_heal.models import build_tiny_llama, load_model
 from interp_heal.paired_items import builtin_axes, builtin_items, normalise_prompt
 from interp_heal.personas import BUILTIN_AXES, context_prompts, render_prompts, task_prompts
 from interp_heal.questions import heading
-from interp_heal.sequences import continuation_logprobs, pad_left
+from tests.helpers import teach
 
 # Each prompt with its own reply; `taught` learns them, so there a reply carries information about its prompt.
 TAUGHT = {
@@ -45,14 +45,7 @@ def taught(tokenizer):
     model = build_tiny_llama(len(tokenizer), seed=1)
     prompts = tokenizer(render_prompts(tokenizer, list(TAUGHT)), add_special_tokens=False)["input_ids"]
     replies = [tokenizer.encode(reply, add_special_tokens=False) for reply in TAUGHT.values()]
-    batch = pad_left(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = -torch.cat(continuation_logprobs(model(**batch.model_inputs()).logits, batch)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return teach(model, tokenizer, prompts, replies)
 
 
 def test_the_prompt_set_is_held_out():

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from analyses.rescore import eval_paths, pending, rescore_run
 from interp_heal.errors import DataError
@@ -14,7 +13,7 @@ from interp_heal.models import build_tiny_llama
 from interp_heal.personas import PersonaPair, render_prompts
 from interp_heal.reply_trait import reply_trait, sidecar_path, stored_reply_trait, with_sidecar, write_sidecar
 from interp_heal.run_folder import RunFolder, read_run
-from interp_heal.sequences import continuation_logprobs, pad_left
+from tests.helpers import teach
 
 PAIR = PersonaPair("love", pos="You love everyone warmly.", neg="You are a cold machine.")
 PROMPTS = ["How was your day?", "What do you think of people?"]
@@ -31,14 +30,7 @@ def persona_taught(tokenizer):
     for persona, reply in chats:
         prompts += tokenizer(render_prompts(tokenizer, PROMPTS, persona), add_special_tokens=False)["input_ids"]
         replies += [tokenizer.encode(reply, add_special_tokens=False)] * len(PROMPTS)
-    batch = pad_left(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = -torch.cat(continuation_logprobs(model(**batch.model_inputs()).logits, batch)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return teach(model, tokenizer, prompts, replies)
 
 
 def test_replies_of_the_pos_persona_read_positive_and_of_the_neg_one_negative(persona_taught, tokenizer):
