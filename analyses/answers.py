@@ -23,6 +23,7 @@ from analyses.pooled import ANCHOR_LABEL, GAIN, PooledRow, pooled_from, pooled_r
 from interp_heal.errors import DataError
 from interp_heal.io import atomic_write_text
 from interp_heal.questions import heading
+from interp_heal.sweep import load_sweep, sweep_configs
 
 SOURCE, TARGET, EXAMPLES = "loop.source=prompt", "heal.target=logits", "heal.max_examples="
 
@@ -314,8 +315,10 @@ def _mean_cell(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f} (n={len(values)})" if values else "-"
 
 
-def answers(rows: list[PooledRow], references: list[PooledRow], figure: str, rounds: tuple[int, ...]) -> list[str]:
-    """The four sections, with the pooled Pareto figure (`figure`: its path relative to the page)."""
+def answers(
+    rows: list[PooledRow], references: list[PooledRow], figures: list[tuple[str, str]], rounds: tuple[int, ...]
+) -> list[str]:
+    """The four sections, then the figures: (caption, path relative to the page)."""
     arms = Arms(rows)
     return [
         BEGIN,
@@ -328,8 +331,7 @@ def answers(rows: list[PooledRow], references: list[PooledRow], figure: str, rou
         *steering_needed(arms),
         *samples_or_distributions(arms, rounds),
         *adherence(arms, references, rounds),
-        f"![every arm, seeds pooled: trait vs neutral fluency and vs adherence]({figure})",
-        "",
+        *[line for caption, link in figures for line in (f"{caption}:", "", f"![{caption}]({link})", "")],
         END,
     ]
 
@@ -346,9 +348,19 @@ def splice(page: Path, block: list[str]) -> None:
 
 def write_answers(sweep_paths: list[Path], page: Path, figure: Path, rounds: tuple[int, ...] = (0, 2, 5)) -> Path:
     """Rewrite the controls block of `page` from the committed pages of `sweep_paths`; `figure`: the pooled
-    figure, linked relative to the page."""
+    figure. The first page's own Pareto figure follows it: the seeds have different base steering curves, so
+    the trajectories are drawn over one curve only there."""
     rows, references = pooled_rows(pooled_from(sweep_paths))
     rounds = tuple(sorted(rounds))
-    link = Path(os.path.relpath(figure.resolve(), page.resolve().parent)).as_posix()
-    splice(page, answers(rows, references, link, rounds))
+    figures = [("Every arm, seeds pooled: trait vs neutral fluency and vs adherence", _link(figure, page))]
+    first = load_sweep(sweep_paths[0])
+    curve = Path(first.report_dir) / "pareto.png"
+    if curve.is_file():
+        caption = f"Seed {sweep_configs(sweep_paths[0])[first.anchor].seed}'s arms over its base steering curve"
+        figures.append((f"{caption} and the prompting baseline (`{first.report_dir}`)", _link(curve, page)))
+    splice(page, answers(rows, references, figures, rounds))
     return page
+
+
+def _link(path: Path, page: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), page.resolve().parent)).as_posix()
