@@ -375,6 +375,7 @@ CASES = [
     Case("frontier-round-not-finished", ["frontier", "--run", "{tmp}/run", "--round", "7"], "{tmp}/run", run=True,
          also=("7",)),
     Case("project-adapters-no-run", ["project-adapters", "--run", "{tmp}/nope"], "{tmp}/nope"),
+    Case("rescore-no-run", ["rescore", "--run", "{tmp}/nope"], "{tmp}/nope"),
     Case("project-adapters-config-edited", ["project-adapters", "--run", "{tmp}/run"], "adapter_config.json",
          None, edit_json("run/round_00/adapter/adapter_config.json", lambda d: d.update(r=3)), run=True),
     Case("logit-lens-vector-truncated", ["logit-lens", "--run", "{tmp}/run"], "vector.safetensors", None,
