@@ -31,7 +31,7 @@ from analyses.html_report import write_html_report
 from analyses.logit_lens import run_logit_lens
 from analyses.pooled import write_pooled_report
 from analyses.project_adapters import format_projection, run_project_adapters
-from analyses.rescore import rescore_run
+from analyses.rescore import Scored, rescore_run
 from interp_heal.architecture import band_to_layers
 from interp_heal.axis_check import format_axis_check
 from interp_heal.collect import StarvedDataError
@@ -432,8 +432,9 @@ def rescore(
     run_dirs: list[Path] = typer.Option(..., "--run", help="Loop run folder(s) evaluated before the readout existed."),
 ) -> None:
     """Add the held-out trait (own replies read under each persona) to runs evaluated before it existed."""
+    scored: Scored = {}  # a sweep's runs share their base evals: each is read once
     for run_dir in run_dirs:
-        written = rescore_run(run_dir)
+        written = rescore_run(run_dir, scored)
         typer.echo(f"{run_dir}: held-out trait for {len(written)} eval(s); metrics.csv and summary.md rewritten")
 
 

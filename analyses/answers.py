@@ -68,10 +68,7 @@ class Arms:
 
     def seeds(self, arm: str, r: int | str, name: str) -> dict[int, float]:
         row = self.rows.get((arm, str(r)))
-        if row is None:
-            return {}
-        values = row.values.get(name, [math.nan] * len(row.seeds))
-        return {s: v for s, v in zip(row.seeds, values, strict=True) if not math.isnan(v)}
+        return row.by_seed(name) if row is not None else {}
 
     def paired(self, arm: str, other: str, r: int | str, name: str, other_r: int | str | None = None) -> list[float]:
         """arm - other over the seeds both measured (other at `other_r`, default the same round)."""

@@ -161,8 +161,13 @@ class PooledRow:
     def seeds_cell(self) -> str:
         return f"{len(self.seeds)} ({', '.join(map(str, self.seeds))})"
 
+    def by_seed(self, name: str) -> dict[int, float]:
+        """The seeds that measured the readout, with their values (a readout newer than a seed's page: absent)."""
+        values = self.values.get(name, [math.nan] * len(self.seeds))
+        return {seed: value for seed, value in zip(self.seeds, values, strict=True) if not math.isnan(value)}
+
     def finite(self, name: str) -> list[float]:
-        return _finite(self.values.get(name, []))
+        return list(self.by_seed(name).values())
 
 
 def group_rows(label: str, seeds: dict[int, PageRun]) -> list[PooledRow]:
@@ -207,8 +212,7 @@ def _mean(values: list[float]) -> str:
 
 def _coverage(row: PooledRow, name: str) -> str:
     """Which seeds a cell averages when some of the row's seeds lack the readout (a readout added after them)."""
-    values = row.values.get(name, [math.nan] * len(row.seeds))
-    measured = [seed for seed, value in zip(row.seeds, values, strict=True) if not math.isnan(value)]
+    measured = list(row.by_seed(name))
     if not measured or len(measured) == len(row.seeds):
         return ""
     return f" (seed{'s' if len(measured) > 1 else ''} {', '.join(map(str, measured))})"

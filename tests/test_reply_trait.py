@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from analyses.rescore import eval_paths, pending, rescore_run
+from analyses.rescore import Scored, eval_paths, pending, rescore_run
 from interp_heal.errors import DataError
 from interp_heal.models import build_tiny_llama
 from interp_heal.personas import PersonaPair, render_prompts
@@ -89,3 +89,23 @@ def test_rescore_reproduces_the_live_readout_without_touching_the_evals(smoke_ru
     healed = next(row for row in rows if row["stage"] == "healed 1")
     assert float(healed["reply_trait"]) == pytest.approx(live["round_01/eval_healed.json"]["log_ratio"], abs=1e-5)
     assert rescore_run(root) == []  # resumable: nothing left to score
+
+
+def test_a_second_run_with_the_same_evals_is_not_read_again(smoke_run, tmp_path, monkeypatch):
+    """A sweep's runs share byte-identical evals (base, prompting baseline, ...): one call reads each once."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _as_before_the_readout(smoke_run, first)
+    _as_before_the_readout(smoke_run, second)
+    scored: Scored = {}
+    rescore_run(first, scored)
+    read = len(scored)
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("an eval already read in this call was read again")
+
+    monkeypatch.setattr("analyses.rescore.stored_reply_trait", read_again)
+    written = rescore_run(second, scored)
+    assert read == len(eval_paths(first)) and len(scored) == read and len(written) == read
+    for path in eval_paths(first):
+        twin = second / path.relative_to(first)
+        assert json.loads(sidecar_path(twin).read_text()) == json.loads(sidecar_path(path).read_text())
