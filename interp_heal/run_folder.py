@@ -28,6 +28,13 @@ from interp_heal.io import read_json, sha256_file, write_json
 from interp_heal.paired_items import ReadoutItems
 
 
+def annotations(path: Path) -> list[Path]:
+    """Files a later command wrote beside a finished stage's file (`eval_base.json` -> `eval_base.<name>.json`, as
+    `cli.py rescore` does). They are outside the stage's sha256 record because they came after it; each carries its
+    own check (the reply-trait sidecar records its eval's sha256), so they travel with the file they annotate."""
+    return sorted(path.parent.glob(f"{path.stem}.*{path.suffix}")) if path.suffix == ".json" else []
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
@@ -80,16 +87,17 @@ class RunFolder:
             self.verify(stage_name)
 
     def adopt(self, stage: str, donor: RunFolder) -> bool:
-        """Record `stage` as done by copying a donor run's finished files for it; False when the donor has not
-        finished it or recorded no files (there is then nothing to check the copy against)."""
+        """Record `stage` as done by copying a donor run's finished files for it (with their `annotations`); False
+        when the donor has not finished it or recorded no files (there is then nothing to check the copy against)."""
         entry = donor._state().get(stage)
         if not entry or not entry.get("sha256"):
             return False
         donor.verify(stage)
         for relative in entry["sha256"]:
-            target = self.root / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(donor.root / relative, target)
+            for source in (donor.root / relative, *annotations(donor.root / relative)):
+                target = self.root / source.relative_to(donor.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
         state = self._state()
         state[stage] = {**entry, "adopted_from": str(donor.root)}
         write_json(self.root / "state.json", state)

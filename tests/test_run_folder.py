@@ -1,5 +1,6 @@
 """Round folders are named and found by one module (issue 26: no other module formats a round path); a run folder
-resumes only under its own config, except that it may plan more rounds."""
+resumes only under its own config, except that it may plan more rounds; an adopted stage brings the files
+annotating it."""
 
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
-from interp_heal.run_folder import prepare_run_folder, round_dirs, round_name, round_path
+from interp_heal.run_folder import RunFolder, prepare_run_folder, round_dirs, round_name, round_path
 
 SMOKE = Path("configs/smoke.yaml")
 
@@ -31,3 +32,22 @@ def test_a_run_folder_can_plan_more_rounds_but_not_another_config(tmp_path):
     other = more.model_copy(update={"loop": more.loop.model_copy(update={"rounds": 4, "coh_floor": 0.1})})
     with pytest.raises(ConfigError, match="coh_floor"):
         prepare_run_folder(other)
+
+
+def test_an_adopted_stage_brings_the_files_written_beside_it_later(tmp_path):
+    donor, folder = RunFolder(tmp_path / "donor"), RunFolder(tmp_path / "new")
+    donor.root.mkdir()
+    (donor.root / "eval_base.json").write_text('{"trait": 1}')
+    (donor.root / "eval_base.rows.jsonl").write_text("{}\n")
+    donor.mark_done("base/eval", 1.0, (donor.root / "eval_base.json", donor.root / "eval_base.rows.jsonl"))
+    (donor.root / "eval_base.reply_trait.json").write_text('{"log_ratio": 0.1}')  # e.g. by `cli.py rescore`
+    (donor.root / "eval_prompt.reply_trait.json").write_text("{}")  # annotates another stage: stays
+    folder.root.mkdir()
+    assert folder.adopt("base/eval", donor) and folder.done("base/eval")
+    assert sorted(path.name for path in folder.root.glob("eval_*")) == [
+        "eval_base.json",
+        "eval_base.reply_trait.json",
+        "eval_base.rows.jsonl",
+    ]
+    assert (folder.root / "eval_base.reply_trait.json").read_text() == '{"log_ratio": 0.1}'
+    folder.verify("base/eval")
