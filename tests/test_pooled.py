@@ -141,13 +141,14 @@ def test_the_cli_writes_the_pooled_page(tmp_path):
 def test_committed_gains_match_their_page(page: Path):
     """A page's gains.csv is what its controls.md table shows, row for row both ways (pages older than gains.csv had
     theirs transcribed from that table after their run folders were gone: this keeps the transcription honest). The
-    table lists the arms trained on all their data; gains.csv every arm."""
+    table lists the arms trained on all their data; gains.csv every arm. A '-' (no base curve for that seed on the
+    page, as for seed 1 of controls_heldout, which ran no frontier) has no row."""
     every_arm_row = re.compile(r"\| `(\w+)` \| \w+ x \w+ \| (\d+) \| .* \| ([^|]+) \|$")
-    table = {(m[1], int(m[2])): m[3].strip() for line in (page / "controls.md").read_text().splitlines()
-             if (m := every_arm_row.match(line))}  # fmt: skip
+    rows = [m for line in (page / "controls.md").read_text().splitlines() if (m := every_arm_row.match(line))]
+    table = {(m[1], int(m[2])): None if m[3].strip() == "-" else m[3].strip() for m in rows}
     with (page / "gains.csv").open() as handle:
         committed = {(row["run"], int(row["round"])): _cell(row) for row in csv.DictReader(handle)}
-    assert table and {key: committed.get(key) for key in table} == table
+    assert any(table.values()) and {key: committed.get(key) for key in table} == table
     sweeps = [sweep for sweep in Path("configs").glob("controls*.yaml") if Path(load_sweep(sweep).report_dir) == page]
     subset_arms = {name for sweep in sweeps for name, config in sweep_configs(sweep).items()
                    if config.heal.max_examples is not None}  # fmt: skip
