@@ -142,13 +142,15 @@ def test_committed_gains_match_their_page(page: Path):
     """A page's gains.csv is what its controls.md table shows, row for row both ways (pages older than gains.csv had
     theirs transcribed from that table after their run folders were gone: this keeps the transcription honest). The
     table lists the arms trained on all their data; gains.csv every arm. A '-' (no base curve for that seed on the
-    page, as for seed 1 of controls_heldout, which ran no frontier) has no row."""
+    page, as for seed 1 of controls_heldout, which ran no frontier) has no row, and a run has rows for all its rounds or
+    for none: a round outside the curve's range is "not spanned", never '-'."""
     every_arm_row = re.compile(r"\| `(\w+)` \| \w+ x \w+ \| (\d+) \| .* \| ([^|]+) \|$")
     rows = [m for line in (page / "controls.md").read_text().splitlines() if (m := every_arm_row.match(line))]
     table = {(m[1], int(m[2])): None if m[3].strip() == "-" else m[3].strip() for m in rows}
     with (page / "gains.csv").open() as handle:
         committed = {(row["run"], int(row["round"])): _cell(row) for row in csv.DictReader(handle)}
     assert any(table.values()) and {key: committed.get(key) for key in table} == table
+    assert not {run for (run, _), cell in table.items() if cell is None} & {run for run, _ in committed}  # all or none
     sweeps = [sweep for sweep in Path("configs").glob("controls*.yaml") if Path(load_sweep(sweep).report_dir) == page]
     subset_arms = {name for sweep in sweeps for name, config in sweep_configs(sweep).items()
                    if config.heal.max_examples is not None}  # fmt: skip
