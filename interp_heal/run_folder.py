@@ -94,15 +94,23 @@ class RunFolder:
             return False
         donor.verify(stage)
         for relative in entry["sha256"]:
-            for source in (donor.root / relative, *annotations(donor.root / relative)):
-                target = self.root / source.relative_to(donor.root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+            (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(donor.root / relative, self.root / relative)
+        self.bring_annotations(stage, donor)
         state = self._state()
         state[stage] = {**entry, "adopted_from": str(donor.root)}
         write_json(self.root / "state.json", state)
         self.event("stage_adopted", stage=stage, donor=str(donor.root))
         return True
+
+    def bring_annotations(self, stage: str, donor: RunFolder) -> None:
+        """Copy the donor's `annotations` of a stage both folders hold with the same files, where this one lacks them
+        (a stage adopted before its donor was annotated, or by code that did not copy them)."""
+        for relative in donor._state().get(stage, {}).get("sha256", {}):
+            for source in annotations(donor.root / relative):
+                target = self.root / source.relative_to(donor.root)
+                if not target.exists():
+                    shutil.copyfile(source, target)
 
     def same_files(self, stage: str, other: RunFolder) -> bool:
         mine, theirs = self._state().get(stage, {}), other._state().get(stage, {})
@@ -255,6 +263,7 @@ def adopt_heal_independent_stages(folder: RunFolder, donor: RunFolder, stages: t
         if folder.done(name):
             if not folder.same_files(name, donor):
                 break  # this run computed it differently: later donor stages would not follow from its files
+            folder.bring_annotations(name, donor)
         elif folder.adopt(name, donor):
             adopted.append(name)
         else:

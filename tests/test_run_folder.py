@@ -8,7 +8,14 @@ import pytest
 
 from interp_heal.config import load_config
 from interp_heal.errors import ConfigError
-from interp_heal.run_folder import RunFolder, prepare_run_folder, round_dirs, round_name, round_path
+from interp_heal.run_folder import (
+    RunFolder,
+    adopt_heal_independent_stages,
+    prepare_run_folder,
+    round_dirs,
+    round_name,
+    round_path,
+)
 
 SMOKE = Path("configs/smoke.yaml")
 
@@ -51,3 +58,7 @@ def test_an_adopted_stage_brings_the_files_written_beside_it_later(tmp_path):
     ]
     assert (folder.root / "eval_base.reply_trait.json").read_text() == '{"log_ratio": 0.1}'
     folder.verify("base/eval")
+    # A stage adopted before its donor was annotated gets the annotation when the sweep next shares stages.
+    (folder.root / "eval_base.reply_trait.json").unlink()
+    assert adopt_heal_independent_stages(folder, donor, ("base/eval",)) == []  # already done: nothing re-adopted
+    assert (folder.root / "eval_base.reply_trait.json").read_text() == '{"log_ratio": 0.1}'
